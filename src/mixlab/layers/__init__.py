@@ -1,0 +1,17 @@
+"""The parts around a spatial mixer: norms, channel MLPs, DropPath / LayerScale, stems,
+embeddings and downsampling, position encodings and heads."""
+from .drop import DropPath, LayerScale, drop_path, stochastic_depth_rates
+from .embed import ConvEmbed, ConvStem, OverlapPatchEmbed, PatchEmbed, PatchMerging, ResNetStem
+from .head import ClassifierHead
+from .helpers import conv_nhwc, make_divisible, nchw_to_nhwc, nhwc_to_nchw, to_2tuple
+from .mlp import ConvMlp, Mlp
+from .norm import Affine, BatchNormNHWC, GroupNorm1NHWC, LayerNorm, LayerNorm2d, get_norm
+from .pos import AbsolutePosEmbed, ConditionalPosEnc, resample_abs_pos_embed
+
+__all__ = [
+    "DropPath", "LayerScale", "drop_path", "stochastic_depth_rates",
+    "ConvEmbed", "ConvStem", "OverlapPatchEmbed", "PatchEmbed", "PatchMerging", "ResNetStem",
+    "ClassifierHead", "conv_nhwc", "make_divisible", "nchw_to_nhwc", "nhwc_to_nchw", "to_2tuple",
+    "ConvMlp", "Mlp", "Affine", "BatchNormNHWC", "GroupNorm1NHWC", "LayerNorm", "LayerNorm2d", "get_norm",
+    "AbsolutePosEmbed", "ConditionalPosEnc", "resample_abs_pos_embed",
+]

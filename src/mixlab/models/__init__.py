@@ -1,0 +1,6 @@
+"""Named architectures. Importing this package registers every model."""
+from . import container, convnext, mlp_mixer, poolformer, resnet, swin, vit  # noqa: F401
+from .base import FeatureExtractor, HierarchicalModel, MixlabModel, Stage
+from .blocks import MetaBlock
+
+__all__ = ["FeatureExtractor", "HierarchicalModel", "MixlabModel", "Stage", "MetaBlock"]

@@ -1,0 +1,67 @@
+"""MLP-Mixer (Tolstikhin et al., 2021): the generic block with a token-mixing MLP as its
+mixer — a static, dense affinity — on an isotropic grid of patch tokens."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch.nn as nn
+
+from ..layers import ClassifierHead, Mlp, PatchEmbed, stochastic_depth_rates, to_2tuple
+from ..mixers import TokenMixingMLP
+from ..registry import register_model
+from .base import HierarchicalModel, Stage, build
+from .blocks import MetaBlock
+
+
+class MlpMixer(HierarchicalModel):
+    """MLP-Mixer: patchify stem, ``depth`` blocks of (LN, token-mixing MLP) and (LN, channel
+    MLP), LN, global average pooling, classifier. The token MLP fixes the input size to
+    ``img_size``."""
+
+    def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 512, depth: int = 8, mlp_ratio=(0.5, 4.0), drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0):
+        img = to_2tuple(img_size)
+        if img[0] % patch_size or img[1] % patch_size:
+            raise ValueError(f"img_size {img} is not divisible by the patch size {patch_size}")
+        grid = (img[0] // patch_size, img[1] // patch_size)
+        n = grid[0] * grid[1]
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        dpr = stochastic_depth_rates(drop_path_rate, [depth])[0]
+        tok_hidden, ch_hidden = int(mlp_ratio[0] * embed_dim), int(mlp_ratio[1] * embed_dim)
+        blocks = [MetaBlock(embed_dim, TokenMixingMLP(n, tok_hidden, grid, drop=drop_rate),
+                             mlp=Mlp(embed_dim, ch_hidden, drop=drop_rate), norm_layer=norm, drop_path=dpr[i])
+                  for i in range(depth)]
+        super().__init__(in_chans, num_classes, img_size, stem=PatchEmbed(patch_size, in_chans, embed_dim),
+                         stages=[Stage(None, blocks)], norm=norm(embed_dim),
+                         head=ClassifierHead(embed_dim, num_classes, pool="avg", drop_rate=drop_rate),
+                         feature_info=[dict(num_chs=embed_dim, reduction=patch_size, module="stages.0")],
+                         stage_mixers=[f"token-mixing MLP ({n} tokens)"])
+        self.min_input_size = patch_size
+        self._init()
+
+    def _init(self):
+        """The MLP-Mixer paper's init: Xavier-uniform MLPs with tiny biases, zero classifier."""
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                if name.startswith("head"):
+                    nn.init.zeros_(m.weight)
+                    nn.init.zeros_(m.bias)
+                else:
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.normal_(m.bias, std=1e-6)
+            elif isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
+                nn.init.zeros_(m.bias)
+
+
+@register_model
+def mixer_s16_224(**kwargs):
+    """Mixer-S/16 (18.5M, 3.8 GMACs)."""
+    return build(MlpMixer, dict(patch_size=16, embed_dim=512, depth=8), kwargs)
+
+
+@register_model
+def mixer_b16_224(**kwargs):
+    """Mixer-B/16 (59.9M, 12.6 GMACs)."""
+    return build(MlpMixer, dict(patch_size=16, embed_dim=768, depth=12), kwargs)

@@ -1,0 +1,76 @@
+"""ResNet (He et al., 2016), the convolutional baseline. Its spatial mixer is a dense 3x3
+convolution inside a bottleneck: it mixes positions and channels at once, so it is not a
+per-channel context aggregation and has no ``affinity`` (the seeds contrast exactly this
+with the depthwise convolution)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..layers import ClassifierHead, DropPath, ResNetStem, stochastic_depth_rates
+from ..registry import register_model
+from .base import HierarchicalModel, Stage, build
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (stride here, ResNet v1.5), 1x1 expand (x4), each with BatchNorm;
+    projection shortcut when the shape changes. Channels-last in and out; runs on the
+    NCHW view in channels_last memory."""
+
+    expansion = 4
+
+    def __init__(self, in_chs: int, planes: int, stride: int = 1, drop_path: float = 0.0):
+        super().__init__()
+        out_chs = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_chs, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_chs, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_chs)
+        nn.init.zeros_(self.bn3.weight)  # zero-init the last BN of each residual branch
+        self.act = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_chs != out_chs:
+            self.downsample = nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(out_chs))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2)
+        shortcut = x if self.downsample is None else self.downsample(x)
+        y = self.act(self.bn1(self.conv1(x)))
+        y = self.act(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return self.act(self.drop_path(y) + shortcut).permute(0, 2, 3, 1)
+
+
+class ResNet(HierarchicalModel):
+    """ResNet with bottleneck blocks: 7x7/2 stem + max pool, four stages (the first block
+    of stages 2-4 strides by 2), global average pooling, classifier."""
+
+    def __init__(self, img_size=224, in_chans: int = 3, num_classes: int = 1000, depths=(3, 4, 6, 3),
+                 widths=(64, 128, 256, 512), stem_width: int = 64, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0):
+        dpr = stochastic_depth_rates(drop_path_rate, depths)
+        stages, info = [], []
+        prev = stem_width
+        for i, (w, depth) in enumerate(zip(widths, depths)):
+            blocks = []
+            for j in range(depth):
+                blocks.append(Bottleneck(prev, w, stride=2 if (i > 0 and j == 0) else 1, drop_path=dpr[i][j]))
+                prev = w * Bottleneck.expansion
+            stages.append(Stage(None, blocks))
+            info.append(dict(num_chs=prev, reduction=4 * 2 ** i, module=f"stages.{i}"))
+        super().__init__(in_chans, num_classes, img_size, stem=ResNetStem(in_chans, stem_width), stages=stages,
+                         norm=nn.Identity(), head=ClassifierHead(prev, num_classes, pool="avg", drop_rate=drop_rate),
+                         feature_info=info, stage_mixers=["dense conv 3x3 (bottleneck)"] * len(depths))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+@register_model
+def resnet50(**kwargs):
+    """ResNet-50 (25.6M, 4.1 GMACs)."""
+    return build(ResNet, dict(depths=(3, 4, 6, 3)), kwargs)

@@ -1,0 +1,64 @@
+"""Swin Transformer (Liu et al., 2021): the generic block with shifted-window attention,
+in four stages joined by patch merging."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch.nn as nn
+
+from ..layers import ClassifierHead, PatchEmbed, PatchMerging, stochastic_depth_rates
+from ..mixers import WindowAttention
+from ..registry import register_model
+from .base import HierarchicalModel, Stage, build, init_weights_vit
+from .blocks import MetaBlock
+
+
+class SwinTransformer(HierarchicalModel):
+    """Swin: patchify stem (4x4) + LayerNorm, then per stage patch merging and blocks that
+    alternate regular and shifted (by half a window) window attention. Any input size
+    divisible by the patch size works (windows are padded and masked)."""
+
+    def __init__(self, img_size=224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size: int = 7,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0):
+        norm = partial(nn.LayerNorm, eps=1e-5)
+        dims = [embed_dim * 2 ** i for i in range(len(depths))]
+        dpr = stochastic_depth_rates(drop_path_rate, depths)
+        stages, info = [], []
+        for i, (dim, depth, heads) in enumerate(zip(dims, depths, num_heads)):
+            blocks = [MetaBlock(dim, WindowAttention(dim, heads, window_size, 0 if j % 2 == 0 else window_size // 2,
+                                                     qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate),
+                                mlp_ratio=mlp_ratio, norm_layer=norm, drop=drop_rate, drop_path=dpr[i][j])
+                      for j in range(depth)]
+            stages.append(Stage(PatchMerging(dims[i - 1], dim, norm) if i else None, blocks))
+            info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"stages.{i}"))
+        super().__init__(in_chans, num_classes, img_size,
+                         stem=PatchEmbed(patch_size, in_chans, embed_dim, norm_layer=norm),
+                         stages=stages, norm=norm(dims[-1]),
+                         head=ClassifierHead(dims[-1], num_classes, pool="avg", drop_rate=drop_rate),
+                         feature_info=info, stage_mixers=[f"window attention ({window_size}x{window_size}, shifted)"]
+                         * len(depths))
+        self.min_input_size = patch_size
+        self.apply(init_weights_vit)
+
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
+
+
+@register_model
+def swin_tiny_patch4_window7_224(**kwargs):
+    """Swin-T (28.3M, 4.5 GMACs)."""
+    return build(SwinTransformer, dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)), kwargs)
+
+
+@register_model
+def swin_small_patch4_window7_224(**kwargs):
+    """Swin-S (49.6M, 8.7 GMACs)."""
+    return build(SwinTransformer, dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)), kwargs)
+
+
+@register_model
+def swin_base_patch4_window7_224(**kwargs):
+    """Swin-B (87.8M, 15.4 GMACs)."""
+    return build(SwinTransformer, dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)), kwargs)

@@ -1,0 +1,78 @@
+"""Model registry: ``create_model`` / ``list_models`` with timm's calling conventions."""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Callable, Dict
+
+import torch.nn as nn
+
+_REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
+_FAMILY: Dict[str, str] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a model entry point under its function name."""
+    name = fn.__name__
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is registered twice")
+    _REGISTRY[name] = fn
+    _FAMILY[name] = fn.__module__.rsplit(".", 1)[-1]
+    return fn
+
+
+def list_models(pattern: str = "*", family: str | None = None) -> list[str]:
+    """Sorted names of registered models matching a shell-style pattern (case-insensitive)."""
+    pat = pattern.lower()
+    if not any(c in pat for c in "*?["):
+        pat = f"*{pat}*"
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n.lower(), pat) and (family is None or _FAMILY[n] == family))
+
+
+def model_family(name: str) -> str:
+    return _FAMILY[_resolve(name)]
+
+
+def is_model(name: str) -> bool:
+    return name in _REGISTRY
+
+
+class UnknownModelError(KeyError, ValueError):
+    """Raised for a model name that is not registered; the message lists the closest names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0] if self.args else ""
+
+
+def _resolve(name: str) -> str:
+    if name in _REGISTRY:
+        return name
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.4)
+    if not close:
+        close = [n for n in _REGISTRY if name.split("_")[0] in n][:5]
+    hint = f"; closest registered names: {', '.join(close)}" if close else ""
+    raise UnknownModelError(f"unknown model {name!r}{hint} (see `mixlab list`)")
+
+
+def create_model(name: str, pretrained: bool = False, features_only: bool = False, out_indices=None,
+                 **kwargs) -> nn.Module:
+    """Build a registered model.
+
+    Common keyword arguments (timm's names): ``num_classes``, ``in_chans``, ``img_size``,
+    ``drop_rate``, ``drop_path_rate``; family-specific ones are listed by
+    ``help(mixlab.models.<family>)``. ``features_only=True`` returns a
+    :class:`~mixlab.models.base.FeatureExtractor` giving the multi-scale NCHW feature maps
+    of the stages in ``out_indices`` (default: all).
+    """
+    fn = _REGISTRY[_resolve(name)]
+    if pretrained:
+        raise NotImplementedError(
+            f"no pretrained weights are bundled for {name!r} yet; build it with pretrained=False "
+            f"(weight loading from timm and the authors' checkpoints is planned)")
+    model = fn(**kwargs)
+    model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}), architecture=name)
+    if features_only:
+        from .models.base import FeatureExtractor
+        return FeatureExtractor(model, out_indices)
+    return model
+

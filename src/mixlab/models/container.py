@@ -52,7 +52,7 @@ class Container(HierarchicalModel):
                 mixers.append(f"mixed: α·attention + β·dwconv {kernel_size}x{kernel_size}")
             elif kind == _MIXED_DENSE:
                 mk = dict(dynamic=True, static="dense", num_tokens=grid[0] * grid[1])
-                mixers.append(f"mixed: α·attention + β·dense static ({grid[0] * grid[1]} tokens)")
+                mixers.append("mixed: α·attention + β·dense N x N static")
             elif kind == "attention":
                 mk = dict(dynamic=True, static=None)
                 mixers.append("dynamic: attention")

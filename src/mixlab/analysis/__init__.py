@@ -1,0 +1,4 @@
+"""Measurements on models: parameters and MACs (more analyses arrive with their issues)."""
+from .complexity import ModelProfile, PartProfile, count_macs, count_params, profile_model
+
+__all__ = ["ModelProfile", "PartProfile", "count_macs", "count_params", "profile_model"]

@@ -1,0 +1,137 @@
+"""Parameters, multiply-accumulates and a per-stage breakdown of any model.
+
+MACs are counted like fvcore and the papers' tables: one multiply-add of a convolution,
+linear layer or matrix product is one MAC, attention's two matrix products included
+(``torch.utils.flop_counter`` counts 2 FLOPs per MAC; we halve it). Norms, activations and
+pooling are not counted. By default the model is built and run on the ``meta`` device,
+so even ViT-H is profiled in well under a second without allocating its weights.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..registry import create_model
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+@dataclass
+class PartProfile:
+    """One top-level part of a model: the stem, a stage, the final norm, the head."""
+
+    name: str
+    params: int
+    macs: int
+    resolution: tuple | None = None
+    channels: int | None = None
+    depth: int | None = None
+    mixer: str | None = None
+
+
+@dataclass
+class ModelProfile:
+    name: str
+    input_size: tuple
+    params: int
+    macs: int
+    parts: list[PartProfile] = field(default_factory=list)
+    output_shape: tuple = ()
+    feature_shape: tuple = ()
+    stage_shapes: list = field(default_factory=list)
+
+    @property
+    def gmacs(self) -> float:
+        return self.macs / 1e9
+
+    @property
+    def mparams(self) -> float:
+        return self.params / 1e6
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["params_m"] = round(self.mparams, 3)
+        d["gmacs"] = round(self.gmacs, 3)
+        return d
+
+
+def count_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]:
+    """Total MACs of ``model(x)`` and MACs per module (keys: module names, '' = whole model)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    prefix = type(model).__name__
+    per_module = {}
+    for key, ops in counter.get_flop_counts().items():
+        if key == "Global":
+            continue
+        name = key[len(prefix) + 1:] if key.startswith(prefix + ".") else ("" if key == prefix else key)
+        per_module[name] = sum(ops.values()) // 2
+    return counter.get_total_flops() // 2, per_module
+
+
+def profile_model(model: nn.Module | str, img_size: int | tuple | None = None, in_chans: int | None = None,
+                  batch_size: int = 1, device: str | torch.device = "meta", **create_kwargs) -> ModelProfile:
+    """Profile a model (instance or registered name) on one input batch.
+
+    For a name, the model is built on ``device`` with ``img_size`` / ``in_chans`` /
+    ``create_kwargs`` passed to ``create_model`` (so models with a fixed input size, like
+    MLP-Mixer, are built for that size).
+    """
+    name = model if isinstance(model, str) else type(model).__name__
+    if isinstance(model, str):
+        kw = dict(create_kwargs)
+        if img_size is not None:
+            kw["img_size"] = img_size
+        if in_chans is not None:
+            kw["in_chans"] = in_chans
+        with torch.device(device):
+            model = create_model(model, **kw)
+    else:
+        device = next(model.parameters()).device
+    model.eval()
+    size = img_size if img_size is not None else getattr(model, "img_size", (224, 224))
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    chans = in_chans or getattr(model, "in_chans", 3)
+    x = torch.zeros(batch_size, chans, *size, device=device)
+    total, per_module = count_macs(model, x)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        logits = model.forward_head(feats)
+        stage_maps = model.forward_intermediates(x) if hasattr(model, "forward_intermediates") else []
+    if isinstance(logits, tuple):
+        logits = logits[0]
+
+    parts: list[PartProfile] = []
+    direct = sum(p.numel() for p in model.parameters(recurse=False))
+    if direct:
+        parts.append(PartProfile("tokens / position embedding", direct, 0))
+    mixers = getattr(model, "stage_mixers", [])
+    for child_name, child in model.named_children():
+        params = count_params(child)
+        if isinstance(child, nn.ModuleList) and child_name == "stages":
+            for i, stage in enumerate(child):
+                shape = tuple(stage_maps[i].shape) if i < len(stage_maps) else None
+                parts.append(PartProfile(
+                    f"stages.{i}", count_params(stage), per_module.get(f"stages.{i}", 0),
+                    resolution=shape[2:] if shape else None, channels=shape[1] if shape else None,
+                    depth=len(stage.blocks) if hasattr(stage, "blocks") else None,
+                    mixer=mixers[i] if i < len(mixers) else None))
+            continue
+        if params == 0 and per_module.get(child_name, 0) == 0:
+            continue
+        part = PartProfile(child_name, params, per_module.get(child_name, 0))
+        if child_name == "blocks" and stage_maps:  # isotropic token models
+            shape = tuple(stage_maps[-1].shape)
+            part.resolution, part.channels, part.depth = shape[2:], shape[1], len(child)
+            part.mixer = mixers[0] if mixers else None
+        parts.append(part)
+    return ModelProfile(name=model.pretrained_cfg.get("architecture", name) if hasattr(model, "pretrained_cfg")
+                        else name, input_size=(chans, *size), params=count_params(model), macs=total, parts=parts,
+                        output_shape=tuple(logits.shape), feature_shape=tuple(feats.shape),
+                        stage_shapes=[tuple(s.shape) for s in stage_maps])

@@ -215,7 +215,7 @@ def test_container_affinity_is_the_mix(case):
     else:
         close(alpha, mixer.alpha.detach()[0])
         close(beta, mixer.beta.detach()[0])
-    assert float(alpha) != 0 and float(beta) != 0  # both parts really contribute
+    assert float(alpha.detach()) != 0 and float(beta.detach()) != 0  # both parts really contribute
     D_exp = D.repeat_interleave(groups // D.shape[1], dim=1)
     S_exp = S.repeat_interleave(groups // S.shape[1], dim=1)
     close(A, alpha * D_exp + beta * S_exp)
@@ -243,6 +243,26 @@ def test_container_static_conv_affinity_matches_dwconv():
     x = torch.randn(1, 6, 7, C, dtype=torch.float64)
     with torch.no_grad():
         close(cm.static_affinity(x), dw.affinity(x))
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["mixed", "conv-only"])
+def test_container_even_kernel(dynamic):
+    torch.manual_seed(0)
+    m = prepare(ContainerMixer(C, 2, dynamic=dynamic, static="conv", kernel_size=4))
+    x = torch.randn(1, 6, 6, C, dtype=torch.float64)
+    with torch.no_grad():
+        y = m(x)
+        assert y.shape == x.shape
+        close(m.explicit_forward(x), y)
+
+
+@pytest.mark.parametrize("heads, static_heads", [(4, 3), (4, 6)], ids=["4-heads-3-static", "4-heads-6-static"])
+def test_container_dense_static_heads_not_nested(heads, static_heads):
+    torch.manual_seed(0)
+    m = prepare(ContainerMixer(12, heads, dynamic=True, static="dense", num_tokens=30, static_heads=static_heads))
+    x = torch.randn(1, 5, 6, 12, dtype=torch.float64)
+    with torch.no_grad():
+        close(m.explicit_forward(x), m(x))
 
 
 # --------------------------------------------------------------------------------------------

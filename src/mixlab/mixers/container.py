@@ -1,6 +1,8 @@
 """Container: a learned mix of a dynamic and a static affinity, A = α·A_attn + β·A_static."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -44,7 +46,7 @@ class ContainerMixer(Mixer):
         self.affinity_kind = "mixed" if (dynamic and static) else ("dynamic" if dynamic else "static")
         self.qkv = nn.Linear(dim, 3 * dim if dynamic else dim, bias=qkv_bias)
         if static == "conv":
-            self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+            self.conv = nn.Conv2d(dim, dim, kernel_size, padding="same", groups=dim)
         elif static == "dense":
             if not num_tokens:
                 raise ValueError("a dense static affinity needs num_tokens (the fixed N = H*W)")
@@ -122,7 +124,7 @@ class ContainerMixer(Mixer):
         """The static matrix: (B, C, N, N) for the convolution, (B, static_heads, N, N) dense."""
         B, H, W, _ = x.shape
         if self.static == "conv":
-            A = conv_toeplitz(self.conv.weight, H, W, pad=self.conv.padding)
+            A = conv_toeplitz(self.conv.weight, H, W)
         else:
             self._check_tokens(x)
             A = self.static_a
@@ -136,7 +138,7 @@ class ContainerMixer(Mixer):
         if not self.dynamic:
             return S
         D = self.dynamic_affinity(x)
-        groups = max(D.shape[1], S.shape[1])
+        groups = math.lcm(D.shape[1], S.shape[1])
         return alpha * expand_groups(D, groups) + beta * expand_groups(S, groups)
 
     def values(self, x: torch.Tensor) -> torch.Tensor:

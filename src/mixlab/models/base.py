@@ -115,6 +115,8 @@ class MixlabModel(nn.Module):
         n = len(self.feature_info)
         if indices is None:
             return list(range(n))
+        if len(indices) == 0:
+            raise ValueError(f"no feature indices given; choose among 0..{n - 1}")
         out = []
         for i in indices:
             j = i + n if i < 0 else i
@@ -155,13 +157,13 @@ class HierarchicalModel(MixlabModel):
         idx = self._normalize_indices(indices)
         self.check_input(x)
         x = self.stem(x)
-        out = []
+        maps = {}
         last = len(self.stages) - 1
         for i, stage in enumerate(self.stages[: max(idx) + 1]):
             x = stage(x)
             if i in idx:
-                out.append((self.norm(x) if i == last else x).permute(0, 3, 1, 2))
-        return out
+                maps[i] = (self.norm(x) if i == last else x).permute(0, 3, 1, 2)
+        return [maps[i] for i in idx]  # in the order asked for
 
 
 class FeatureExtractor(nn.Module):

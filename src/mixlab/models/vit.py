@@ -112,15 +112,15 @@ class VisionTransformer(MixlabModel):
     def forward_intermediates(self, x: torch.Tensor, indices=None) -> list[torch.Tensor]:
         idx = self._normalize_indices(indices)
         x, (h, w) = self._embed(x)
-        out = []
+        maps = {}
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks[: max(idx) + 1]):
             x = blk(x)
             if i in idx:
                 y = self.norm(x) if i == last else x
                 y = y[:, self.num_prefix_tokens:]
-                out.append(y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2))
-        return out
+                maps[i] = y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2)
+        return [maps[i] for i in idx]  # in the order asked for
 
 
 _SIZES = {

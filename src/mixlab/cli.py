@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import __version__
 
@@ -65,6 +66,91 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _train_config(args):
+    from .config import build_config, load_yaml
+
+    user = load_yaml(args.config) if args.config else None
+    flags = {}
+    if args.model:
+        flags.setdefault("model", {})["name"] = args.model
+    if args.data:
+        flags.setdefault("data", {})["name"] = args.data
+    if args.data_root:
+        flags.setdefault("data", {})["root"] = args.data_root
+    if args.img_size:
+        flags.setdefault("data", {})["img_size"] = args.img_size
+    if args.strict:
+        flags.setdefault("data", {})["strict"] = True
+    if args.epochs:
+        flags.setdefault("train", {})["epochs"] = args.epochs
+    if args.batch_size:
+        flags.setdefault("train", {})["batch_size"] = args.batch_size
+    if args.device:
+        flags.setdefault("train", {})["device"] = args.device
+    if args.amp:
+        flags.setdefault("train", {})["amp"] = args.amp
+    if args.compile:
+        flags.setdefault("train", {})["compile"] = True
+    if args.seed is not None:
+        flags.setdefault("train", {})["seed"] = args.seed
+    if args.lr:
+        flags.setdefault("optimizer", {})["lr"] = args.lr
+    if args.output:
+        flags["output_dir"] = args.output
+    if args.name:
+        flags["name"] = args.name
+    return build_config(user, flags, recipe=args.recipe, overrides=args.set or [])
+
+
+def cmd_train(args) -> int:
+    import yaml
+
+    from .engine.trainer import train
+
+    if args.resume and args.resume is not True and not args.config:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").exists():
+            raise ValueError(f"--resume {run_dir}: no config.yaml there; give the run directory of a mixlab run")
+        from .config import config_from_dict
+        cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        if args.print_config:
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return 0
+        train(cfg, run_dir=run_dir, resume=True)
+        return 0
+    cfg = _train_config(args)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    train(cfg, run_dir=args.resume if isinstance(args.resume, str) else None, resume=bool(args.resume))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .engine.trainer import evaluate_run
+
+    r = evaluate_run(args.run, data=args.data, data_root=args.data_root, use_ema=args.ema, device=args.device,
+                     batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"{r['model']} on {r['data']} ({r['images']} images, {r['checkpoint']}): top-1 {r['top1']:.2f}%, "
+              f"top-5 {r['top5']:.2f}%, loss {r['loss']:.4f}")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from .config import list_recipes, recipe_path
+
+    if args.name:
+        print(recipe_path(args.name).read_text(), end="")
+    else:
+        for r in list_recipes():
+            first = recipe_path(r).read_text().splitlines()[0].lstrip("# ")
+            print(f"{r:10s} {first}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixlab", description="Vision backbones as context aggregation: build, "
                                 "measure and compare CNNs, ViTs, MLP-Mixers and their hybrids.")
@@ -84,6 +170,46 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-classes", type=int, default=None, help="classes of the head (default 1000)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("train", help="train a model (a YAML config, a recipe, flags and --set overrides)",
+                       description="Train and evaluate a model. Configuration layers: the recipe (default 'basic'), "
+                                   "the YAML file, the flags, then --set section.key=value overrides. Under torchrun "
+                                   "the same command trains with DistributedDataParallel.")
+    s.add_argument("config", nargs="?", help="a YAML configuration file (sections model:, data:, train:, ...)")
+    s.add_argument("--recipe", help="deit | convnext | deit3 | basic, or a YAML path (see `mixlab recipes`)")
+    s.add_argument("--model", help="a registered model name")
+    s.add_argument("--data", help="digits | fashion-mnist | cifar10 | cifar100 | imagefolder")
+    s.add_argument("--data-root", help="where the dataset's files are")
+    s.add_argument("--img-size", type=int, help="input size the model sees (default: the dataset's)")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--batch-size", type=int, help="per process")
+    s.add_argument("--lr", type=float, help="absolute learning rate")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    s.add_argument("--amp", choices=["none", "bf16", "fp16"])
+    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
+    s.add_argument("--output", help="parent directory of runs (default runs/)")
+    s.add_argument("--name", help="run name (default MODEL-DATA)")
+    s.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                   help="continue an interrupted run (its directory, or the one this configuration names)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key, e.g. optimizer.lr=1e-3")
+    s.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="evaluate a run directory or checkpoint on its validation data")
+    s.add_argument("run", help="a run directory (uses checkpoints/best.safetensors) or a checkpoint file")
+    s.add_argument("--data", help="another dataset with the same classes")
+    s.add_argument("--data-root")
+    s.add_argument("--ema", action="store_true", help="evaluate the EMA weights of that checkpoint")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("recipes", help="list the training recipes, or print one to copy")
+    s.add_argument("name", nargs="?")
+    s.set_defaults(func=cmd_recipes)
     return p
 
 
@@ -98,6 +224,11 @@ def main(argv=None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"mixlab {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "TrainingDiverged":
+            raise
+        print(f"mixlab {args.command}: error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -1,0 +1,335 @@
+"""Run configuration: typed sections, YAML files, recipes and ``--set key=value`` overrides.
+
+A configuration is built in layers, each overriding the last:
+
+1. the defaults of the dataclasses below;
+2. a recipe (``recipe: deit``, one of ``mixlab/recipes/*.yaml``, or a path to a YAML file;
+   ``basic`` when none is named);
+3. the user's YAML file;
+4. command-line overrides (``--set optimizer.lr=1e-3``, values parsed as YAML).
+
+Unknown keys and values of the wrong type are errors that name the key, what was wrong and
+the closest valid key. The resolved configuration is saved as ``config.yaml`` in every run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+#: the recipe applied when neither the arguments nor a YAML layer name one
+DEFAULT_RECIPE = "basic"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says which key and why."""
+
+
+@dataclass
+class ModelConfig:
+    #: a registered name (``mixlab list``)
+    name: str = "resnet50"
+    #: extra keyword arguments for ``create_model`` (dims, depths, patch_size, ...)
+    kwargs: dict = field(default_factory=dict)
+    drop_path_rate: float = 0.0
+    drop_rate: float = 0.0
+    #: LayerScale init for models that have it (ConvNeXt, ViT, PoolFormer); None keeps the model's default
+    layer_scale: float | None = None
+
+
+@dataclass
+class DataConfig:
+    #: digits | fashion-mnist | cifar10 | cifar100 | imagefolder
+    name: str = "digits"
+    root: str | None = None
+    #: the size the model sees; None: the dataset's native size (224 for imagefolder)
+    img_size: int | None = None
+    download: bool = False
+    #: stop at the first unreadable image instead of skipping and counting it
+    strict: bool = False
+    num_workers: int = 0
+    #: use only the first N (shuffled) training / validation samples: quick runs and tests
+    limit_train: int | None = None
+    limit_val: int | None = None
+
+
+@dataclass
+class AugConfig:
+    hflip: float = 0.0
+    random_resized_crop: bool = False
+    rrc_scale: list = field(default_factory=lambda: [0.08, 1.0])
+    simple_random_crop: bool = False
+    crop_padding: int = 4
+    #: e.g. {num_ops: 2, magnitude: 9}; None: off
+    rand_augment: dict | None = None
+    three_augment: bool = False
+    color_jitter: float = 0.0
+    random_erasing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    #: probability of applying mixup/cutmix to a batch, and of choosing cutmix when both are on
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5
+    #: repeated augmentation: each image appears this many times per epoch (DeiT's 3), 1: off
+    repeated_aug: int = 1
+
+
+@dataclass
+class OptimizerConfig:
+    #: adamw | adam | sgd | lamb
+    name: str = "adamw"
+    #: absolute learning rate; None: base_lr * global batch / lr_base_batch (the linear scaling rule)
+    lr: float | None = None
+    base_lr: float = 1e-3
+    lr_base_batch: int = 512
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    #: layer-wise learning-rate decay (fine-tuning), e.g. 0.75; None: off
+    layer_decay: float | None = None
+    #: clip the global gradient norm to this value; None: off
+    clip_grad: float | None = None
+
+
+@dataclass
+class ScheduleConfig:
+    #: cosine | constant | step
+    name: str = "cosine"
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    #: for "step": epochs at which the lr is multiplied by gamma
+    milestones: list = field(default_factory=list)
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    #: per-process batch size (the global batch is this x processes x accum_steps)
+    batch_size: int = 64
+    accum_steps: int = 1
+    #: ce (soft-target cross-entropy) | bce (binary cross-entropy, DeiT III)
+    loss: str = "ce"
+    label_smoothing: float = 0.0
+    #: none | bf16 | fp16 (fp16 needs CUDA)
+    amp: str = "none"
+    compile: bool = False
+    seed: int = 0
+    #: torch.use_deterministic_algorithms (slower on GPU)
+    deterministic: bool = False
+    #: auto | cpu | cuda | cuda:N
+    device: str = "auto"
+    eval_every: int = 1
+    #: convert BatchNorm to SyncBatchNorm under DistributedDataParallel
+    sync_bn: bool = False
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False
+    decay: float = 0.9999
+    warmup: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    keep_last: int = 2
+    keep_best: bool = True
+    #: also checkpoint every N optimizer steps inside an epoch (0: only at epoch ends)
+    every_steps: int = 0
+
+
+@dataclass
+class LogConfig:
+    #: progress bar: auto (when the terminal is interactive) | true | false
+    progress: str = "auto"
+    tensorboard: bool = False
+    print_every: int = 50
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    #: the recipe this configuration started from (informational once resolved)
+    recipe: str | None = None
+    #: runs are written to output_dir/name
+    output_dir: str = "runs"
+    name: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# -- building and validating ------------------------------------------------------------------
+def _closest(key: str, valid, prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean {prefix + close[0]!r}?"
+    return f"; valid keys: {', '.join(prefix + v for v in valid)}"
+
+
+def _check_type(path: str, value: Any, tp) -> Any:
+    """Validate (and gently coerce int -> float) one value against a field's annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(path, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+    expected = origin or tp
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if expected in (int, float) and isinstance(value, bool) or not isinstance(value, expected):
+        names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+                 dict: "a mapping"}
+        raise ConfigError(f"{path}: expected {names.get(expected, expected.__name__)}, got {value!r}")
+    return value
+
+
+def _merge_into(obj, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'configuration'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown configuration key {path!r}{_closest(key, sorted(fields), prefix)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge_into(current, value, prefix=f"{path}.")
+        else:
+            setattr(obj, key, _check_type(path, value, hints[key]))
+
+
+def load_yaml(path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"configuration file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, ...)")
+    return data
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    p = RECIPES_DIR / f"{name}.yaml"
+    if not p.is_file():
+        raise ConfigError(f"unknown recipe {name!r}; recipes: {', '.join(list_recipes())} (or a path to a YAML file)")
+    return p
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optimizer.lr=1e-3)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return [k for k in key.strip().split(".") if k], value
+
+
+def nest(keys: list[str], value) -> dict:
+    out: Any = value
+    for k in reversed(keys):
+        out = {k: out}
+    return out
+
+
+def build_config(*layers: dict | None, recipe: str | None = None, overrides=()) -> Config:
+    """Defaults, then the recipe (from the argument, else the last layer naming one, else
+    ``basic``), then each layer in order, then ``section.key=value`` overrides."""
+    cfg = Config()
+    layers = [layer for layer in layers if layer]
+    recipe = recipe or next((layer.get("recipe") for layer in reversed(layers) if layer.get("recipe")), None) \
+        or DEFAULT_RECIPE
+    _merge_into(cfg, load_yaml(recipe_path(recipe)))
+    for layer in layers:
+        _merge_into(cfg, layer)
+    for item in overrides:
+        keys, value = parse_override(item)
+        _merge_into(cfg, nest(keys, value))
+    cfg.recipe = recipe
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks across keys that types alone cannot express."""
+    choices = {
+        "optimizer.name": (cfg.optimizer.name, ("adamw", "adam", "sgd", "lamb")),
+        "schedule.name": (cfg.schedule.name, ("cosine", "constant", "step")),
+        "train.loss": (cfg.train.loss, ("ce", "bce")),
+        "train.amp": (cfg.train.amp, ("none", "bf16", "fp16")),
+        "log.progress": (str(cfg.log.progress).lower(), ("auto", "true", "false")),
+    }
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(valid)}")
+    positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
+                "train.accum_steps": cfg.train.accum_steps, "aug.repeated_aug": cfg.aug.repeated_aug,
+                "train.eval_every": cfg.train.eval_every}
+    for key, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"{key} must be at least 1, got {v}")
+    for key, v in {"aug.hflip": cfg.aug.hflip, "aug.random_erasing": cfg.aug.random_erasing,
+                   "aug.mix_prob": cfg.aug.mix_prob, "aug.switch_prob": cfg.aug.switch_prob,
+                   "train.label_smoothing": cfg.train.label_smoothing}.items():
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{key} must be a probability in [0, 1], got {v}")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last must be at least 1 (the resume point), got {cfg.checkpoint.keep_last}")
+    if cfg.optimizer.lr is not None and cfg.optimizer.lr <= 0:
+        raise ConfigError(f"optimizer.lr must be positive, got {cfg.optimizer.lr}")
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a resolved configuration (a run's config.yaml) exactly, without re-applying the recipe."""
+    cfg = Config()
+    _merge_into(cfg, d)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,27 @@
+"""Data for mixlab: datasets, transforms, Mixup/CutMix and resumable, deterministic sampling.
+
+The documented path to reproducible training::
+
+    from mixlab.data import (build_datasets, build_transforms, MixupCutmix, ResumableSampler,
+                             SeededDataset, mix_seed)
+
+    train_base, val_base, info = build_datasets("cifar10", root="data/")   # raw uint8 items
+    train = SeededDataset(train_base, build_transforms(info, train=True, hflip=0.5), seed=0)
+    val = SeededDataset(val_base, build_transforms(info, train=False))
+    sampler = ResumableSampler(len(train), seed=0)
+    loader = DataLoader(train, batch_size=128, sampler=sampler, num_workers=4)
+    mix = MixupCutmix(info.num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)          # then sampler.set_start(k) when resuming mid-epoch
+        for step, (x, y) in enumerate(loader):
+            x, target = mix(x, y, seed=mix_seed(0, epoch, step))
+
+Every bad-input error of this package is a :class:`DataError` (a ``ValueError``).
+"""
+from .datasets import DATASET_NAMES, DataError, DatasetInfo, build_datasets
+from .mixup import MixupCutmix
+from .samplers import ResumableSampler, SeededDataset, mix_seed
+from .transforms import build_transforms
+
+__all__ = ["DATASET_NAMES", "DataError", "DatasetInfo", "MixupCutmix", "ResumableSampler", "SeededDataset",
+           "build_datasets", "build_transforms", "mix_seed"]

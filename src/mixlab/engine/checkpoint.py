@@ -1,0 +1,484 @@
+"""Checkpoints: weights as safetensors, training state as ``weights_only``-loadable torch files.
+
+* :func:`save_weights` / :func:`load_weights`: a state dict (+ string metadata) as safetensors;
+* :func:`save_state` / :func:`load_state`: optimizer, scheduler, EMA, counters, RNG states with
+  ``torch.save``, refusing anything that ``torch.load(weights_only=True)`` could not read back;
+* :func:`rng_state` / :func:`set_rng_state`: the random streams of ``random``, numpy and torch;
+* :func:`check_compatible`: a clear error when a checkpoint does not fit a model;
+* :class:`CheckpointManager`: numbered checkpoints in a directory, rotation, best tracking.
+
+Every file is written atomically: to a temporary file in the same directory (named
+``.<name>.<random>.tmp``), flushed to disk, then renamed over the target with
+:func:`os.replace`; a crash leaves either the old file or the new one, never half a file.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from .ema import unwrap_model
+
+__all__ = ["CheckpointError", "save_weights", "load_weights", "save_state", "load_state", "rng_state",
+           "set_rng_state", "check_compatible", "CheckpointManager"]
+
+PathLike = str | os.PathLike
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, or does not fit the model it is loaded into."""
+
+
+# -- atomic writes ---------------------------------------------------------------------------------
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` for a temporary file next to ``path``, fsync it, rename it to ``path``.
+
+    On any error the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_json(path: PathLike, obj: Any) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+# -- weights -----------------------------------------------------------------------------------------
+def save_weights(state_dict: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, str] | None = None
+                 ) -> None:
+    """Write ``state_dict`` (names -> tensors) and string ``metadata`` as a safetensors file, atomically.
+
+    Non-contiguous tensors and tensors sharing memory with an earlier one (tied weights,
+    views) are cloned first, as safetensors requires. Tensors on a GPU are copied to the CPU.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    seen_storages: set[tuple[torch.device, int]] = set()
+    for name, t in state_dict.items():
+        if not isinstance(name, str):
+            raise TypeError(f"save_weights: state dict keys must be strings, got {name!r} ({type(name).__name__})")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"save_weights: {name!r} is a {type(t).__name__}, not a tensor; safetensors stores tensors "
+                            f"only (put other values in the metadata as strings, or use save_state)")
+        t = t.detach()
+        if t.layout != torch.strided:
+            raise TypeError(f"save_weights: {name!r} is a {t.layout} tensor; convert it with .to_dense() first")
+        storage = (t.device, t.untyped_storage().data_ptr())
+        if storage in seen_storages or not t.is_contiguous():
+            t = t.clone(memory_format=torch.contiguous_format)
+        else:
+            seen_storages.add(storage)
+        tensors[name] = t
+    meta = None
+    if metadata:
+        bad = {k: v for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))}
+        if bad:
+            k, v = next(iter(bad.items()))
+            raise TypeError(f"save_weights: metadata must map strings to strings; {k!r} maps to a "
+                            f"{type(v).__name__} ({v!r}); convert it with str() or json.dumps()")
+        meta = dict(metadata)
+    _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=meta))
+
+
+def load_weights(path: PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file: ``(state_dict, metadata)`` (metadata ``{}`` when there is none)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {str(path)!r}")
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device=str(device)) as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except safetensors.SafetensorError as e:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e})") from e
+    return tensors, metadata
+
+
+# -- training state --------------------------------------------------------------------------------
+#: exact types that torch.load(weights_only=True) reads back (checked by the tests)
+_LEAF_TYPES = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.Tensor, nn.Parameter,
+               torch.Size, torch.dtype, torch.device)
+_CONTAINER_TYPES = (dict, collections.OrderedDict, list, tuple, set)
+
+
+def _check_loadable(obj: Any, where: str) -> None:
+    """Raise TypeError naming the first value under ``where`` that weights_only cannot load."""
+    kind = type(obj)
+    if kind in _LEAF_TYPES or kind in torch.serialization.get_safe_globals():
+        return
+    if kind in (dict, collections.OrderedDict):
+        for k, v in obj.items():
+            _check_loadable(k, f"{where} (key {k!r})")
+            _check_loadable(v, f"{where}[{k!r}]")
+        return
+    if kind in (list, tuple, set):
+        for i, v in enumerate(obj):
+            _check_loadable(v, f"{where}[{i}]")
+        return
+    hint = ""
+    if isinstance(obj, np.ndarray):
+        hint = "; convert it with torch.from_numpy() or .tolist()"
+    elif isinstance(obj, np.generic):
+        hint = "; convert it with .item()"
+    elif callable(obj):
+        hint = "; functions and lambdas cannot be saved: store the numbers they are built from"
+    elif isinstance(obj, torch.Tensor):
+        hint = "; save a plain tensor (e.g. t.as_subclass(torch.Tensor))"
+    raise TypeError(f"save_state: {where} is a {kind.__module__}.{kind.__qualname__}, which "
+                    f"torch.load(weights_only=True) cannot load back; allowed are tensors, numbers, strings, "
+                    f"bytes, None, torch.Size/dtype/device, and dicts, lists, tuples and sets of them{hint}")
+
+
+def save_state(state: Mapping[str, Any], path: PathLike) -> None:
+    """``torch.save(state, path)`` atomically, after checking every value can be loaded back
+    with ``torch.load(weights_only=True)`` (a :class:`TypeError` names the first one that cannot)."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"save_state expects a dict, got a {type(state).__name__}")
+    state = dict(state)
+    _check_loadable(state, "state")
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+
+    _atomic_write(path, write)
+
+
+def load_state(path: PathLike, map_location: str | torch.device | None = "cpu") -> dict:
+    """``torch.load(path, weights_only=True)``, onto the CPU by default (optimizers move their
+    state to their parameters' device on ``load_state_dict``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no state file at {str(path)!r}")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# -- random number generators ---------------------------------------------------------------------
+def rng_state() -> dict:
+    """The states of Python's ``random``, numpy's global generator, torch's CPU generator and
+    (when CUDA is available) every CUDA device's generator, as tensors, numbers and lists."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore the states returned by :func:`rng_state`. CUDA states are restored for the
+    devices present (a state saved on more GPUs restores the first ones)."""
+    missing = [k for k in ("python", "numpy", "torch") if k not in state]
+    if missing:
+        raise ValueError(f"not an rng_state() dict: missing {', '.join(missing)} (it has {', '.join(map(str, state))})")
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+    n = state["numpy"]
+    keys = n["keys"].numpy() if isinstance(n["keys"], torch.Tensor) else np.asarray(n["keys"])
+    np.random.set_state((n["name"], keys.astype(np.uint32), int(n["pos"]), int(n["has_gauss"]),
+                         float(n["cached_gaussian"])))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), i)
+
+
+# -- compatibility ---------------------------------------------------------------------------------
+def _listing(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _classifier_prefixes(model: nn.Module) -> list[str]:
+    """Module names of the model's classifier(s): ``get_classifier()`` and DeiT's ``head_dist``."""
+    prefixes = []
+    if hasattr(model, "get_classifier"):
+        fc = model.get_classifier()
+        prefixes += [n for n, m in model.named_modules() if m is fc and n]
+    prefixes += [n for n in ("head.fc", "head_dist", "head", "fc", "classifier") if n not in prefixes
+                 and isinstance(getattr(model, n.split(".")[0], None), nn.Module)]
+    return prefixes or ["head.fc"]
+
+
+def check_compatible(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`CheckpointError` unless ``state_dict`` loads strictly into ``model``.
+
+    Checked: the architecture (``metadata["architecture"]`` against
+    ``model.pretrained_cfg["architecture"]`` when both are set), missing and unexpected
+    keys, and shapes. The message lists every kind of problem (the first 10 names of each,
+    with counts) and, when the classifier differs, the class counts of both.
+    """
+    model = unwrap_model(model)
+    problems = []
+    ckpt_arch = (metadata or {}).get("architecture")
+    model_arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if ckpt_arch and model_arch and ckpt_arch != model_arch:
+        problems.append(f"architecture: the checkpoint is for {ckpt_arch!r}, the model is {model_arch!r}")
+
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    if missing:
+        problems.append(f"{len(missing)} missing key(s) (in the model, not in the checkpoint): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) (in the checkpoint, not in the model): "
+                        f"{_listing(unexpected)}")
+        for prefix in ("module.", "_orig_mod."):
+            if all(k.startswith(prefix) for k in unexpected) and missing:
+                problems.append(f"the checkpoint's keys start with {prefix!r} (saved from a wrapped model); "
+                                f"strip that prefix, or save the unwrapped model's state_dict()")
+    if mismatched:
+        shown = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}" for k in mismatched]
+        problems.append(f"{len(mismatched)} shape mismatch(es) (checkpoint vs model): {_listing(shown)}")
+
+    for prefix in _classifier_prefixes(model):
+        key = f"{prefix}.weight"
+        ours, theirs = expected.get(key), state_dict.get(key)
+        if ours is not None and theirs is not None and ours.shape[:1] != theirs.shape[:1]:
+            problems.append(f"classifier {key}: the checkpoint has {theirs.shape[0]} classes, the model "
+                            f"{ours.shape[0]}; build the model with num_classes={theirs.shape[0]}, or drop the "
+                            f"checkpoint's {prefix}.* entries and load with strict=False to fine-tune a new head")
+        elif ours is None and theirs is not None and theirs.ndim >= 1:
+            problems.append(f"classifier {key}: the checkpoint has {theirs.shape[0]} classes, the model has no "
+                            f"classifier (num_classes=0)")
+        elif ours is not None and theirs is None and key in missing:
+            problems.append(f"classifier {key}: the checkpoint has no classifier, the model has {ours.shape[0]} "
+                            f"classes (build it with num_classes=0, or load with strict=False)")
+
+    if problems:
+        name = model_arch or type(model).__name__
+        raise CheckpointError(f"the checkpoint does not fit the model ({name}):\n  - " + "\n  - ".join(problems))
+
+
+# -- a directory of checkpoints --------------------------------------------------------------------
+class CheckpointManager:
+    """Numbered checkpoints of one training run in ``directory``.
+
+    Each checkpoint is two files: ``ckpt-{step:08d}.safetensors`` (the model weights and
+    string metadata) and ``ckpt-{step:08d}.state.pt`` (the training state). The state file
+    is written second, so a checkpoint is *complete* only when both exist; after both,
+    ``latest.json`` is updated (for people and tools; :meth:`latest` scans the files).
+
+    Args:
+        directory: created if needed.
+        keep_last: how many complete checkpoints to keep (>= 1). Older ones are deleted
+            after a new one is complete, never before; the one just written is always kept.
+        keep_best: hard-link (or copy) the weights of the checkpoint with the best
+            ``metric`` to ``best.safetensors``, described by ``best.json``
+            (``metric``, ``epoch``, ``step``, ``checkpoint``).
+        mode: ``"max"`` (accuracy) or ``"min"`` (loss): which direction improves.
+
+    The directory is meant to hold one run written by one process: steps increase, and
+    "latest" means the complete checkpoint with the highest step.
+    """
+
+    WEIGHTS_SUFFIX = ".safetensors"
+    STATE_SUFFIX = ".state.pt"
+    PREFIX = "ckpt-"
+
+    def __init__(self, directory: PathLike, keep_last: int = 2, keep_best: bool = True, mode: str = "max"):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 (the checkpoints to keep for resuming), got {keep_last}")
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' (higher metric is better) or 'min' (lower is better), got {mode!r}")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+        self.mode = mode
+        self._best: dict | None = None
+        best_json = self.directory / "best.json"
+        if keep_best and best_json.is_file():
+            try:
+                self._best = json.loads(best_json.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                warnings.warn(f"ignoring unreadable {best_json} ({e}); the best metric starts afresh")
+            if self._best is not None and self._best.get("mode", mode) != mode:
+                warnings.warn(f"{best_json} was written with mode={self._best['mode']!r}, this manager uses "
+                              f"mode={mode!r}; the best metric starts afresh")
+                self._best = None
+
+    # -- paths ----------------------------------------------------------------------------------
+    def stem(self, step: int) -> Path:
+        """The stem path of the checkpoint of ``step`` (``<dir>/ckpt-00000123``)."""
+        return self.directory / f"{self.PREFIX}{step:08d}"
+
+    @classmethod
+    def _files(cls, stem: Path) -> tuple[Path, Path]:
+        return stem.with_name(stem.name + cls.WEIGHTS_SUFFIX), stem.with_name(stem.name + cls.STATE_SUFFIX)
+
+    def _scan(self) -> dict[int, dict[str, bool]]:
+        """step -> which of the two files exist, for every ``ckpt-*`` file in the directory."""
+        found: dict[int, dict[str, bool]] = {}
+        for p in self.directory.glob(f"{self.PREFIX}*"):
+            for kind, suffix in (("weights", self.WEIGHTS_SUFFIX), ("state", self.STATE_SUFFIX)):
+                digits = p.name[len(self.PREFIX):-len(suffix)] if p.name.endswith(suffix) else ""
+                if digits.isdigit():
+                    found.setdefault(int(digits), {"weights": False, "state": False})[kind] = True
+        return found
+
+    def complete_steps(self) -> list[int]:
+        """Steps of the complete checkpoints, ascending."""
+        return sorted(s for s, f in self._scan().items() if f["weights"] and f["state"])
+
+    def latest(self) -> Path | None:
+        """The stem path of the newest complete checkpoint, or None (partial ones are ignored)."""
+        steps = self.complete_steps()
+        return self.stem(steps[-1]) if steps else None
+
+    @property
+    def best_metric(self) -> float | None:
+        """The best metric saved so far (also after a restart, from ``best.json``), or None."""
+        return None if self._best is None else self._best.get("metric")
+
+    def _improves(self, metric: float | None) -> bool:
+        if metric is None or not math.isfinite(metric):
+            return False
+        best = self.best_metric
+        return best is None or (metric > best if self.mode == "max" else metric < best)
+
+    # -- save / load ----------------------------------------------------------------------------
+    def save(self, model_state: Mapping[str, torch.Tensor], train_state: Mapping[str, Any], *, epoch: int, step: int,
+             metric: float | None = None, metadata: Mapping[str, str] | None = None) -> Path:
+        """Write the checkpoint of ``step`` and return its stem path.
+
+        ``metadata`` (strings) goes into the safetensors header together with ``epoch``,
+        ``step``, ``metric`` (if given) and a ``checkpoint_id`` that ties the two files
+        together. Then ``latest.json`` is updated, the best weights if ``metric`` improves,
+        and finally old checkpoints beyond ``keep_last`` (and partial ones older than this)
+        are deleted.
+        """
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        stem = self.stem(step)
+        weights_path, state_path = self._files(stem)
+        ckpt_id = uuid.uuid4().hex
+        meta = dict(metadata or {})
+        meta.update(epoch=str(epoch), step=str(step), checkpoint_id=ckpt_id)
+        if metric is not None:
+            meta["metric"] = repr(float(metric))
+        newer = [s for s in self.complete_steps() if s > step]
+        if newer:
+            warnings.warn(f"{self.directory} already holds checkpoints of later steps ({newer}); latest() will "
+                          f"keep returning step {newer[-1]} until this run passes it")
+
+        # check the state before writing anything, so a bad state leaves no partial checkpoint
+        train_state = dict(train_state)
+        _check_loadable(train_state, "train_state")
+        state = {"train_state": train_state, "epoch": int(epoch), "step": int(step),
+                 "metric": None if metric is None else float(metric), "checkpoint_id": ckpt_id}
+        save_weights(model_state, weights_path, meta)
+        save_state(state, state_path)  # the checkpoint is complete from here on
+        _write_json(self.directory / "latest.json",
+                    {"checkpoint": stem.name, "epoch": state["epoch"], "step": step, "metric": state["metric"]})
+        if self.keep_best and self._improves(state["metric"]):
+            self._save_best(weights_path, state["metric"], state["epoch"], step, stem.name)
+        self._rotate(keep=step)
+        return stem
+
+    def _save_best(self, weights_path: Path, metric: float, epoch: int, step: int, name: str) -> None:
+        def link_or_copy(tmp: Path) -> None:
+            tmp.unlink()
+            try:
+                os.link(weights_path, tmp)  # no copy: the inode outlives the rotated checkpoint
+            except OSError:
+                shutil.copyfile(weights_path, tmp)
+
+        _atomic_write(self.directory / "best.safetensors", link_or_copy)
+        self._best = {"metric": metric, "epoch": epoch, "step": step, "checkpoint": name, "mode": self.mode}
+        _write_json(self.directory / "best.json", self._best)
+
+    def _rotate(self, keep: int) -> None:
+        """Delete complete checkpoints beyond ``keep_last`` (never step ``keep``) and partial
+        checkpoints older than ``keep``."""
+        found = self._scan()
+        complete = sorted(s for s, f in found.items() if f["weights"] and f["state"])
+        others = [s for s in complete if s != keep]
+        survivors = set(others[max(0, len(others) - (self.keep_last - 1)):] if self.keep_last > 1 else []) | {keep}
+        doomed = [s for s in complete if s not in survivors]
+        doomed += [s for s, f in found.items() if not (f["weights"] and f["state"]) and s < keep]
+        for s in doomed:
+            weights_path, state_path = self._files(self.stem(s))
+            state_path.unlink(missing_ok=True)  # the state first: a half-deleted checkpoint is partial
+            weights_path.unlink(missing_ok=True)
+
+    def _resolve(self, path: PathLike | None) -> Path:
+        if path is None:
+            stem = self.latest()
+            if stem is None:
+                raise CheckpointError(f"no complete checkpoint in {str(self.directory)!r} (a checkpoint needs both "
+                                      f"ckpt-<step>{self.WEIGHTS_SUFFIX} and ckpt-<step>{self.STATE_SUFFIX})")
+            return stem
+        p = Path(path)
+        for suffix in (self.STATE_SUFFIX, self.WEIGHTS_SUFFIX):
+            if p.name.endswith(suffix):
+                p = p.with_name(p.name[: -len(suffix)])
+                break
+        inside = self.directory / p
+        if not p.is_absolute() and not any(f.exists() for f in self._files(p)) \
+                and any(f.exists() for f in self._files(inside)):
+            return inside  # a name relative to the checkpoint directory
+        return p
+
+    def load(self, path: PathLike | None = None) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
+        """``(weights, train_state, metadata)`` of a checkpoint: the newest complete one by
+        default, or the one named by ``path`` (its stem or either of its files)."""
+        stem = self._resolve(path)
+        weights_path, state_path = self._files(stem)
+        absent = [p.name for p in (weights_path, state_path) if not p.is_file()]
+        if absent:
+            raise CheckpointError(f"checkpoint {str(stem)!r} is incomplete or does not exist: {', '.join(absent)} "
+                                  f"missing; complete checkpoints: {[self.stem(s).name for s in self.complete_steps()]}")
+        weights, metadata = load_weights(weights_path)
+        state = load_state(state_path)
+        if not isinstance(state, dict) or "train_state" not in state:
+            raise CheckpointError(f"{str(state_path)!r} was not written by CheckpointManager.save")
+        ids = metadata.get("checkpoint_id"), state.get("checkpoint_id")
+        if ids[0] and ids[1] and ids[0] != ids[1]:
+            raise CheckpointError(f"the two files of {str(stem)!r} come from different saves (a save of the same "
+                                  f"step was interrupted); resume from another checkpoint")
+        return weights, state["train_state"], metadata

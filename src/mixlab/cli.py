@@ -66,39 +66,25 @@ def cmd_info(args) -> int:
     return 0
 
 
+# command-line flags of `mixlab train` -> configuration keys
+_TRAIN_FLAGS = {"model": "model.name", "data": "data.name", "data_root": "data.root", "img_size": "data.img_size",
+                "strict": "data.strict", "epochs": "train.epochs", "batch_size": "train.batch_size",
+                "device": "train.device", "amp": "train.amp", "compile": "train.compile", "seed": "train.seed",
+                "lr": "optimizer.lr", "output": "output_dir", "name": "name"}
+
+
 def _train_config(args):
-    from .config import build_config, load_yaml
+    from .config import build_config, load_yaml, nest
 
     user = load_yaml(args.config) if args.config else None
-    flags = {}
-    if args.model:
-        flags.setdefault("model", {})["name"] = args.model
-    if args.data:
-        flags.setdefault("data", {})["name"] = args.data
-    if args.data_root:
-        flags.setdefault("data", {})["root"] = args.data_root
-    if args.img_size:
-        flags.setdefault("data", {})["img_size"] = args.img_size
-    if args.strict:
-        flags.setdefault("data", {})["strict"] = True
-    if args.epochs:
-        flags.setdefault("train", {})["epochs"] = args.epochs
-    if args.batch_size:
-        flags.setdefault("train", {})["batch_size"] = args.batch_size
-    if args.device:
-        flags.setdefault("train", {})["device"] = args.device
-    if args.amp:
-        flags.setdefault("train", {})["amp"] = args.amp
-    if args.compile:
-        flags.setdefault("train", {})["compile"] = True
-    if args.seed is not None:
-        flags.setdefault("train", {})["seed"] = args.seed
-    if args.lr:
-        flags.setdefault("optimizer", {})["lr"] = args.lr
-    if args.output:
-        flags["output_dir"] = args.output
-    if args.name:
-        flags["name"] = args.name
+    flags: dict = {}
+    for flag, key in _TRAIN_FLAGS.items():
+        value = getattr(args, flag)
+        if value is None or value is False:
+            continue
+        section = nest(key.split("."), value)
+        for k, v in section.items():
+            flags[k] = {**flags.get(k, {}), **v} if isinstance(v, dict) else v
     return build_config(user, flags, recipe=args.recipe, overrides=args.set or [])
 
 

@@ -30,7 +30,7 @@ def list_models(pattern: str = "*", family: str | None = None) -> list[str]:
 
 
 def model_family(name: str) -> str:
-    return _FAMILY[_resolve(name)]
+    return _FAMILY[resolve_name(name)]
 
 
 def is_model(name: str) -> bool:
@@ -44,7 +44,8 @@ class UnknownModelError(KeyError, ValueError):
         return self.args[0] if self.args else ""
 
 
-def _resolve(name: str) -> str:
+def resolve_name(name: str) -> str:
+    """The registered name itself, or an UnknownModelError listing the closest names."""
     if name in _REGISTRY:
         return name
     close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.4)
@@ -64,7 +65,7 @@ def create_model(name: str, pretrained: bool = False, features_only: bool = Fals
     :class:`~mixlab.models.base.FeatureExtractor` giving the multi-scale NCHW feature maps
     of the stages in ``out_indices`` (default: all).
     """
-    fn = _REGISTRY[_resolve(name)]
+    fn = _REGISTRY[resolve_name(name)]
     if pretrained:
         raise NotImplementedError(
             f"no pretrained weights are bundled for {name!r} yet; build it with pretrained=False "

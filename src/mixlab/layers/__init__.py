@@ -3,15 +3,15 @@ embeddings and downsampling, position encodings and heads."""
 from .drop import DropPath, LayerScale, drop_path, stochastic_depth_rates
 from .embed import ConvEmbed, ConvStem, OverlapPatchEmbed, PatchEmbed, PatchMerging, ResNetStem
 from .head import ClassifierHead
-from .helpers import conv_nhwc, make_divisible, nchw_to_nhwc, nhwc_to_nchw, to_2tuple
+from .helpers import to_2tuple
 from .mlp import ConvMlp, Mlp
-from .norm import Affine, BatchNormNHWC, GroupNorm1NHWC, LayerNorm, LayerNorm2d, get_norm
+from .norm import Affine, BatchNormNHWC, GroupNorm1NHWC, LayerNorm, LayerNorm2d
 from .pos import AbsolutePosEmbed, ConditionalPosEnc, resample_abs_pos_embed
 
 __all__ = [
     "DropPath", "LayerScale", "drop_path", "stochastic_depth_rates",
     "ConvEmbed", "ConvStem", "OverlapPatchEmbed", "PatchEmbed", "PatchMerging", "ResNetStem",
-    "ClassifierHead", "conv_nhwc", "make_divisible", "nchw_to_nhwc", "nhwc_to_nchw", "to_2tuple",
-    "ConvMlp", "Mlp", "Affine", "BatchNormNHWC", "GroupNorm1NHWC", "LayerNorm", "LayerNorm2d", "get_norm",
+    "ClassifierHead", "to_2tuple",
+    "ConvMlp", "Mlp", "Affine", "BatchNormNHWC", "GroupNorm1NHWC", "LayerNorm", "LayerNorm2d",
     "AbsolutePosEmbed", "ConditionalPosEnc", "resample_abs_pos_embed",
 ]

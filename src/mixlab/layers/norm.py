@@ -57,22 +57,3 @@ class Affine(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self.beta, self.alpha, x)
-
-
-_NORMS = {
-    "layernorm": LayerNorm,
-    "layernorm2d": LayerNorm2d,
-    "batchnorm": BatchNormNHWC,
-    "groupnorm1": GroupNorm1NHWC,
-    "affine": Affine,
-}
-
-
-def get_norm(name: str | None):
-    """Norm constructor by name (channels-last unless the name says 2d); None -> Identity."""
-    if name is None or name == "none":
-        return lambda dim, **kw: nn.Identity()
-    try:
-        return _NORMS[name]
-    except KeyError:
-        raise ValueError(f"unknown norm {name!r}; choose one of {sorted(_NORMS)} or None") from None

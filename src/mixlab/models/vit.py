@@ -12,7 +12,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from ..layers import ClassifierHead, PatchEmbed, resample_abs_pos_embed, stochastic_depth_rates, to_2tuple
+from ..layers import AbsolutePosEmbed, ClassifierHead, PatchEmbed, stochastic_depth_rates, to_2tuple
 from ..mixers import Attention
 from ..registry import register_model
 from .base import MixlabModel, build, init_weights_vit
@@ -45,8 +45,7 @@ class VisionTransformer(MixlabModel):
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1],
-                                                  embed_dim))
+        self.pos_embed = AbsolutePosEmbed(self.grid_size, embed_dim, self.num_prefix_tokens)
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = stochastic_depth_rates(drop_path_rate, [depth])[0]
         self.blocks = nn.Sequential(*[
@@ -64,7 +63,6 @@ class VisionTransformer(MixlabModel):
                              for i in range(depth)]
         self.stage_mixers = ["attention (global)"]
 
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.dist_token is not None:
             nn.init.trunc_normal_(self.dist_token, std=0.02)
@@ -82,10 +80,7 @@ class VisionTransformer(MixlabModel):
         if self.dist_token is not None:
             prefix.append(self.dist_token.expand(B, -1, -1))
         x = torch.cat(prefix + [x], dim=1)
-        pos = self.pos_embed
-        if (h, w) != self.grid_size:
-            pos = resample_abs_pos_embed(pos, (h, w), self.grid_size, self.num_prefix_tokens)
-        return self.pos_drop(x + pos), (h, w)
+        return self.pos_drop(self.pos_embed(x, (h, w))), (h, w)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x, _ = self._embed(x)

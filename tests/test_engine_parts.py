@@ -52,7 +52,7 @@ def weights_only_roundtrip(obj):
 def test_layer_ids_vit():
     ids, n = layer_ids(small_vit())
     assert n == 4  # 2 blocks + embedding + head
-    for name in ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"):
+    for name in ("cls_token", "pos_embed.pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"):
         assert ids[name] == 0
     assert ids["blocks.0.mixer.qkv.weight"] == 1 and ids["blocks.1.mlp.fc2.bias"] == 2
     for name in ("norm.weight", "head.fc.weight", "head.fc.bias"):
@@ -85,7 +85,7 @@ def test_param_groups_weight_decay_exclusions():
     groups = param_groups(vit, weight_decay=0.05, lr=1e-3)
     wd = _decay_of(groups)
     assert sorted(wd) == sorted(n for n, _ in vit.named_parameters())  # every parameter exactly once
-    for name in ("pos_embed", "cls_token", "norm.weight", "norm.bias", "blocks.0.norm1.weight",
+    for name in ("pos_embed.pos_embed", "cls_token", "norm.weight", "norm.bias", "blocks.0.norm1.weight",
                  "blocks.0.mixer.qkv.bias", "head.fc.bias", "patch_embed.proj.bias"):
         assert wd[name] == 0.0, name
     for name in ("blocks.0.mixer.qkv.weight", "blocks.1.mlp.fc1.weight", "patch_embed.proj.weight", "head.fc.weight"):
@@ -107,7 +107,7 @@ def test_param_groups_layer_decay():
     assert scales["head.fc.weight"] == 1.0 and scales["norm.weight"] == 1.0
     assert scales["blocks.1.mixer.qkv.weight"] == 0.5
     assert scales["blocks.0.mixer.qkv.weight"] == 0.25
-    assert scales["pos_embed"] == scales["patch_embed.proj.weight"] == 0.125
+    assert scales["pos_embed.pos_embed"] == scales["patch_embed.proj.weight"] == 0.125
     assert all(g["lr"] == 2e-3 for g in groups)  # the scheduler applies lr_scale
     with pytest.raises(ValueError, match="layer_decay"):
         param_groups(small_vit(), 0.05, 1e-3, layer_decay=1.5)

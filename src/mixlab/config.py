@@ -310,10 +310,11 @@ def validate(cfg: Config) -> None:
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(valid)}")
+    from .models.spec import SpecError, check_spec, is_spec
     from .registry import UnknownModelError, resolve_name
     try:
-        resolve_name(cfg.model.name)
-    except UnknownModelError as e:
+        check_spec(cfg.model.name) if is_spec(cfg.model.name) else resolve_name(cfg.model.name)
+    except (UnknownModelError, SpecError) as e:
         raise ConfigError(f"model.name: {e}") from None
     positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
                 "train.accum_steps": cfg.train.accum_steps, "aug.repeated_aug": cfg.aug.repeated_aug,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+from functools import partial
 from typing import Callable, Dict
 
 import torch.nn as nn
@@ -57,7 +58,8 @@ def resolve_name(name: str) -> str:
 
 def create_model(name: str, pretrained: bool = False, features_only: bool = False, out_indices=None,
                  **kwargs) -> nn.Module:
-    """Build a registered model.
+    """Build a registered model, or one from a specification (``"spec:patch4 / convnext:2x32 /
+    attention:2x64"`` or a ``.yaml`` file; see :mod:`mixlab.models.spec`).
 
     Common keyword arguments (timm's names): ``num_classes``, ``in_chans``, ``img_size``,
     ``drop_rate``, ``drop_path_rate``; family-specific ones are listed by
@@ -65,7 +67,11 @@ def create_model(name: str, pretrained: bool = False, features_only: bool = Fals
     :class:`~mixlab.models.base.FeatureExtractor` giving the multi-scale NCHW feature maps
     of the stages in ``out_indices`` (default: all).
     """
-    fn = _REGISTRY[resolve_name(name)]
+    from .models.spec import create_from_spec, is_spec
+    if is_spec(name):
+        fn = partial(create_from_spec, name)
+    else:
+        fn = _REGISTRY[resolve_name(name)]
     if pretrained:
         raise NotImplementedError(
             f"no pretrained weights are bundled for {name!r} yet; build it with pretrained=False "

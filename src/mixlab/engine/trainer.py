@@ -11,8 +11,9 @@ weights of an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
-import math
+import re
 import resource
 import sys
 import time
@@ -119,9 +120,21 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB, process peak RSS
 
 
+def model_slug(name: str) -> str:
+    """A file-name-safe form of a model name: registered names as they are, a specification
+    file by its stem, a ``spec:`` string as its words joined by '-' (shortened with a hash
+    when long)."""
+    if name.endswith((".yaml", ".yml")):
+        return Path(name).stem
+    slug = re.sub(r"[^A-Za-z0-9_.]+", "-", name).strip("-")
+    if len(slug) > 60:
+        slug = f"{slug[:50]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return slug
+
+
 def resolve_run_dir(cfg: Config, run_dir=None, resume: bool = False) -> Path:
     if run_dir is None:
-        run_dir = Path(cfg.output_dir) / (cfg.name or f"{cfg.model.name}-{cfg.data.name}")
+        run_dir = Path(cfg.output_dir) / (cfg.name or f"{model_slug(cfg.model.name)}-{cfg.data.name}")
     run_dir = Path(run_dir)
     if not resume and (run_dir / "config.yaml").exists():
         raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; pass --resume to continue it, "

@@ -2,9 +2,8 @@
 generic block with the plainest possible mixer, ``avgpool(x) - x``."""
 from __future__ import annotations
 
-import torch.nn as nn
 
-from ..layers import ClassifierHead, ConvEmbed, GroupNorm1NHWC, Mlp, OverlapPatchEmbed, stochastic_depth_rates
+from ..layers import ClassifierHead, ConvEmbed, GroupNorm1NHWC, OverlapPatchEmbed, stochastic_depth_rates
 from ..mixers import Pooling
 from ..registry import register_model
 from .base import HierarchicalModel, Stage, build, init_weights_vit

@@ -1,0 +1,273 @@
+"""Model specifications: write a new hybrid without writing a class.
+
+A specification names a stem, then for each stage its spatial mixer, depth and width (and
+how it downsamples), then the head. It is a mapping (from YAML or Python)::
+
+    stem: {type: patch, size: 2}              # patch (kernel = stride) | conv (3x3/2 stack)
+    stages:
+      - {mixer: convnext, depth: 2, width: 32}
+      - {mixer: convnext, depth: 2, width: 64}            # downsample: conv (default) | merge | none
+      - {mixer: attention, depth: 2, width: 128, heads: 4}
+      - {mixer: window, depth: 2, width: 256, heads: 8, window: 7}
+    head: {pool: avg}
+    mlp_ratio: 4
+
+or the same as one compact string, stages separated by ``/``, options after ``:``::
+
+    patch2 / convnext:2x32 / convnext:2x64 / attention:2x128:heads=4 / window:2x256:heads=8,window=7
+
+``create_model("spec:<string>")`` and ``create_model("path/to/spec.yaml")`` build one, and so
+does every command that takes a model name. Mixers (each stage's blocks):
+
+=============  ==================================================================  =========
+mixer          block                                                               options
+=============  ==================================================================  =========
+attention      generic block, global multi-head self-attention                     heads
+window         generic block, (shifted) window attention, Swin's alternation       heads, window
+dwconv         generic block, depthwise convolution                                kernel
+convnext       ConvNeXt's block (depthwise conv, LN, MLP, one residual)            kernel
+pool           generic block, PoolFormer's pooling with GroupNorm(1)               pool
+mlp            generic block, MLP-Mixer's token-mixing MLP (fixes the input size)  tokens_ratio
+container      generic block, Container's α·attention + β·dwconv, BatchNorm, CPE   heads, kernel
+conv_static    Container-Light's static block (dwconv between 1x1 projections)     kernel
+=============  ==================================================================  =========
+
+Every stage also takes ``mlp_ratio`` and ``downsample``.
+"""
+from __future__ import annotations
+
+import copy
+from functools import partial
+from pathlib import Path
+
+import torch.nn as nn
+import yaml
+
+from ..layers import (BatchNormNHWC, ClassifierHead, ConditionalPosEnc, ConvEmbed, ConvStem, GroupNorm1NHWC, Mlp,
+                      PatchEmbed, PatchMerging, stochastic_depth_rates, to_2tuple)
+from ..mixers import Attention, ContainerMixer, DepthwiseConv, Pooling, TokenMixingMLP, WindowAttention
+from .base import HierarchicalModel, Stage, init_weights_vit
+from .blocks import MetaBlock
+from .convnext import ConvNeXtBlock
+
+
+class SpecError(ValueError):
+    """A specification that cannot be built; the message says where and what would be right."""
+
+
+# mixer name -> (allowed options with defaults, description used in `mixlab info`)
+MIXERS = {
+    "attention": ({"heads": 4}, "attention (global)"),
+    "window": ({"heads": 4, "window": 7}, "window attention (shifted)"),
+    "dwconv": ({"kernel": 7}, "depthwise conv"),
+    "convnext": ({"kernel": 7}, "ConvNeXt block (depthwise conv)"),
+    "pool": ({"pool": 3}, "pooling"),
+    "mlp": ({"tokens_ratio": 0.5}, "token-mixing MLP"),
+    "container": ({"heads": 4, "kernel": 5}, "container: α·attention + β·dwconv"),
+    "conv_static": ({"kernel": 5}, "container static: dwconv"),
+}
+STAGE_KEYS = {"mixer", "depth", "width", "downsample", "mlp_ratio"}
+DOWNSAMPLES = ("conv", "merge", "none")
+STEMS = ("patch", "conv")
+
+
+def _scalar(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_spec(text: str) -> dict:
+    """Parse the compact form ``stem / mixer:DEPTHxWIDTH[:key=value,...] / ...``."""
+    parts = [p.strip() for p in text.split("/") if p.strip()]
+    if len(parts) < 2:
+        raise SpecError(f"spec {text!r}: expected a stem and at least one stage separated by '/', e.g. "
+                        f"'patch4 / convnext:2x32 / attention:2x64:heads=2'")
+    stem_txt = parts[0]
+    for kind in STEMS:
+        if stem_txt.startswith(kind) and stem_txt[len(kind):].isdigit():
+            stem = {"type": kind, "size": int(stem_txt[len(kind):])}
+            break
+    else:
+        raise SpecError(f"spec stem {stem_txt!r}: use patch<P> (a PxP patchify convolution) or conv<S> (3x3 "
+                        f"stride-2 convolutions down to stride S), e.g. 'patch4'")
+    stages = []
+    for i, part in enumerate(parts[1:]):
+        fields = part.split(":")
+        if len(fields) < 2 or "x" not in fields[1]:
+            raise SpecError(f"spec stage {i} {part!r}: expected mixer:DEPTHxWIDTH[:key=value,...], "
+                            f"e.g. 'attention:2x128:heads=4'")
+        depth, _, width = fields[1].partition("x")
+        if not (depth.strip().isdigit() and width.strip().isdigit()):
+            raise SpecError(f"spec stage {i} {part!r}: depth and width must be integers, as in '2x128'")
+        stage = {"mixer": fields[0].strip(), "depth": int(depth), "width": int(width)}
+        for opt in ":".join(fields[2:]).split(",") if len(fields) > 2 else []:
+            if not opt.strip():
+                continue
+            key, eq, value = opt.partition("=")
+            if not eq:
+                raise SpecError(f"spec stage {i} {part!r}: option {opt!r} must look like key=value")
+            stage[key.strip()] = _scalar(value.strip())
+        stages.append(stage)
+    return {"stem": stem, "stages": stages}
+
+
+def load_spec(source) -> dict:
+    """A specification from a mapping, a ``spec:`` / compact string, or a YAML file path."""
+    if isinstance(source, dict):
+        return copy.deepcopy(source)
+    text = str(source)
+    if text.startswith("spec:"):
+        return parse_spec(text[5:])
+    if text.endswith((".yaml", ".yml")):
+        p = Path(text)
+        if not p.is_file():
+            raise SpecError(f"model specification file {text!r} does not exist")
+        data = yaml.safe_load(p.read_text())
+        if isinstance(data, str):
+            return parse_spec(data)
+        if not isinstance(data, dict):
+            raise SpecError(f"{text}: a specification is a mapping with stem:, stages:, head:")
+        return data
+    return parse_spec(text)
+
+
+def is_spec(name: str) -> bool:
+    return isinstance(name, str) and (name.startswith("spec:") or name.endswith((".yaml", ".yml")))
+
+
+def _check_stage(i: int, st: dict) -> dict:
+    if not isinstance(st, dict):
+        raise SpecError(f"stage {i}: expected a mapping like {{mixer: attention, depth: 2, width: 64}}, got {st!r}")
+    mixer = st.get("mixer")
+    if mixer not in MIXERS:
+        raise SpecError(f"stage {i}: unknown mixer {mixer!r}; mixers: {', '.join(MIXERS)}")
+    opts, _ = MIXERS[mixer]
+    unknown = set(st) - STAGE_KEYS - set(opts)
+    if unknown:
+        raise SpecError(f"stage {i} ({mixer}): unknown option(s) {sorted(unknown)}; this mixer takes "
+                        f"{sorted(set(opts) | STAGE_KEYS - {'mixer'})}")
+    for key in ("depth", "width"):
+        if not isinstance(st.get(key), int) or st[key] < 1:
+            raise SpecError(f"stage {i} ({mixer}): {key} must be a positive integer, got {st.get(key)!r}")
+    down = st.get("downsample", "conv")
+    if down not in DOWNSAMPLES:
+        raise SpecError(f"stage {i}: downsample {down!r} is not one of {', '.join(DOWNSAMPLES)}")
+    return {**opts, "mlp_ratio": None, **st, "downsample": down}
+
+
+def check_spec(source) -> dict:
+    """Load a specification and check its stem and stages without building it."""
+    spec = load_spec(source)
+    stem = (spec.get("stem") or {}).get("type", "patch")
+    if stem not in STEMS:
+        raise SpecError(f"stem type {stem!r} is not one of {', '.join(STEMS)}")
+    for i, st in enumerate(spec.get("stages") or []):
+        _check_stage(i, st)
+    return spec
+
+
+class SpecNet(HierarchicalModel):
+    """A network built from a specification (see the module docstring)."""
+
+    def __init__(self, spec, img_size=224, in_chans: int = 3, num_classes: int = 1000, mlp_ratio: float | None = None,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+        spec = load_spec(spec)
+        unknown = set(spec) - {"stem", "stages", "head", "mlp_ratio", "name"}
+        if unknown:
+            raise SpecError(f"unknown specification key(s) {sorted(unknown)}; use stem, stages, head, mlp_ratio")
+        stages_in = spec.get("stages") or []
+        if not stages_in:
+            raise SpecError("a specification needs at least one stage")
+        stages_cfg = [_check_stage(i, st) for i, st in enumerate(stages_in)]
+        default_ratio = mlp_ratio or spec.get("mlp_ratio", 4.0)
+        stem_cfg = {"type": "patch", "size": 4, **(spec.get("stem") or {})}
+        img = to_2tuple(img_size)
+        width0 = stages_cfg[0]["width"]
+        if stem_cfg["type"] == "patch":
+            stem = PatchEmbed(stem_cfg["size"], in_chans, width0, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+            reduction = stem_cfg["size"]
+        elif stem_cfg["type"] == "conv":
+            n = int(stem_cfg["size"]).bit_length() - 1
+            if 2 ** n != stem_cfg["size"] or n < 1:
+                raise SpecError(f"a conv stem's size (its stride) must be a power of two >= 2, got {stem_cfg['size']}")
+            stem = ConvStem(in_chans, [max(width0 // 2 ** (n - k), 8) for k in range(n)], width0)
+            reduction = stem_cfg["size"]
+        else:
+            raise SpecError(f"stem type {stem_cfg['type']!r} is not one of {', '.join(STEMS)}")
+        head_cfg = {"pool": "avg", **(spec.get("head") or {})}
+        if set(head_cfg) - {"pool"} or head_cfg["pool"] != "avg":
+            raise SpecError(f"head {head_cfg!r}: only {{pool: avg}} is supported for specified models")
+
+        dpr = stochastic_depth_rates(drop_path_rate, [s["depth"] for s in stages_cfg])
+        ln = partial(nn.LayerNorm, eps=1e-6)
+        stages, info, mixers = [], [], []
+        prev = width0
+        for i, st in enumerate(stages_cfg):
+            w = st["width"]
+            down = None
+            if i > 0:
+                if st["downsample"] == "none":
+                    if w != prev:
+                        raise SpecError(f"stage {i}: downsample none keeps the width, but {prev} -> {w}; use "
+                                        f"downsample conv or merge, or width {prev}")
+                elif st["downsample"] == "merge":
+                    down, reduction = PatchMerging(prev, w), reduction * 2
+                else:
+                    down, reduction = ConvEmbed(prev, w, 2, 2, pre_norm=ln), reduction * 2
+            grid = (img[0] // reduction, img[1] // reduction)
+            ratio = st["mlp_ratio"] or default_ratio
+            blocks = [self._block(st, w, grid, ratio, dpr[i][j], j, drop_rate) for j in range(st["depth"])]
+            stages.append(Stage(down, blocks))
+            info.append(dict(num_chs=w, reduction=reduction, module=f"stages.{i}"))
+            mixers.append(self._describe(st))
+            prev = w
+        super().__init__(in_chans, num_classes, img_size, stem=stem, stages=stages, norm=ln(prev),
+                         head=ClassifierHead(prev, num_classes, pool="avg", drop_rate=drop_rate),
+                         feature_info=info, stage_mixers=mixers)
+        self.spec = {"stem": stem_cfg, "stages": stages_in, "head": head_cfg, "mlp_ratio": default_ratio}
+        self.apply(init_weights_vit)
+
+    @staticmethod
+    def _describe(st: dict) -> str:
+        desc = MIXERS[st["mixer"]][1]
+        extra = {k: st[k] for k in MIXERS[st["mixer"]][0]}
+        return f"{desc} ({', '.join(f'{k}={v}' for k, v in extra.items())})"
+
+    @staticmethod
+    def _block(st: dict, w: int, grid, ratio: float, dp: float, j: int, drop: float) -> nn.Module:
+        m = st["mixer"]
+        ln = partial(nn.LayerNorm, eps=1e-6)
+        if m == "convnext":
+            return ConvNeXtBlock(w, st["kernel"], mlp_ratio=ratio, layer_scale=None, drop_path=dp)
+        if m == "attention":
+            mixer = Attention(w, st["heads"], proj_drop=drop)
+        elif m == "window":
+            win = st["window"]
+            mixer = WindowAttention(w, st["heads"], win, 0 if j % 2 == 0 else win // 2, proj_drop=drop)
+        elif m == "dwconv":
+            mixer = DepthwiseConv(w, st["kernel"])
+        elif m == "pool":
+            return MetaBlock(w, Pooling(st["pool"]), mlp_ratio=ratio, norm_layer=GroupNorm1NHWC, drop=drop,
+                             drop_path=dp, layer_scale=1e-5)
+        elif m == "mlp":
+            n = grid[0] * grid[1]
+            return MetaBlock(w, TokenMixingMLP(n, max(1, int(st["tokens_ratio"] * w)), grid, drop=drop),
+                             mlp=Mlp(w, int(ratio * w), drop=drop), norm_layer=ln, drop_path=dp)
+        else:  # container, conv_static
+            mixer = ContainerMixer(w, st.get("heads", 1), dynamic=m == "container", static="conv",
+                                   kernel_size=st["kernel"], proj_drop=drop)
+            return MetaBlock(w, mixer, mlp_ratio=ratio, norm_layer=BatchNormNHWC, drop=drop, drop_path=dp,
+                             pos=ConditionalPosEnc(w, 3))
+        return MetaBlock(w, mixer, mlp_ratio=ratio, norm_layer=ln, drop=drop, drop_path=dp)
+
+
+def create_from_spec(source, **kwargs) -> SpecNet:
+    """Build a :class:`SpecNet`; keyword arguments as for ``create_model``."""
+    from .base import build
+    spec = load_spec(source)
+    model = build(SpecNet, {"spec": spec}, kwargs)
+    name = spec.get("name") or (str(source) if not isinstance(source, dict) else "spec")
+    model.pretrained_cfg = dict(model.pretrained_cfg, architecture=name)
+    return model

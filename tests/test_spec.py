@@ -1,0 +1,97 @@
+"""Model specifications: a new hybrid from a string or YAML, without writing a class."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+import mixlab
+from mixlab.config import ConfigError, build_config
+from mixlab.engine.trainer import train
+from mixlab.models.spec import MIXERS, SpecError, parse_spec
+
+HYBRID = "spec:patch2 / convnext:2x16:kernel=3 / convnext:2x32:kernel=3 / attention:2x64:heads=2 / attention:1x64:heads=2"
+
+
+def test_compact_string_equals_mapping(tmp_path):
+    spec = {"stem": {"type": "patch", "size": 2},
+            "stages": [{"mixer": "convnext", "depth": 2, "width": 16, "kernel": 3},
+                       {"mixer": "convnext", "depth": 2, "width": 32, "kernel": 3},
+                       {"mixer": "attention", "depth": 2, "width": 64, "heads": 2},
+                       {"mixer": "attention", "depth": 1, "width": 64, "heads": 2}]}
+    assert parse_spec(HYBRID[5:]) == spec
+    f = tmp_path / "hybrid.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    a = mixlab.create_model(HYBRID, img_size=32, num_classes=10)
+    b = mixlab.create_model(str(f), img_size=32, num_classes=10)
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    assert [fi["reduction"] for fi in a.feature_info] == [2, 4, 8, 16]
+    assert a.stage_mixers[2].startswith("attention")
+
+
+@pytest.mark.parametrize("mixer", list(MIXERS))
+def test_every_mixer_builds_runs_and_trains(mixer):
+    torch.manual_seed(0)
+    m = mixlab.create_model(f"spec:conv4 / {mixer}:2x16 / {mixer}:1x32:downsample=merge", img_size=32, in_chans=1,
+                            num_classes=3, drop_path_rate=0.1)
+    x = torch.randn(2, 1, 32, 32)
+    out = m(x)
+    assert out.shape == (2, 3)
+    out.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    feats = m.forward_intermediates(x)
+    assert [f.shape[1:] for f in feats] == [(16, 8, 8), (32, 4, 4)]
+
+
+def test_downsample_none_keeps_the_resolution():
+    m = mixlab.create_model("spec:patch4 / dwconv:1x16 / attention:1x16:downsample=none,heads=2", img_size=32)
+    assert [fi["reduction"] for fi in m.feature_info] == [4, 4]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("spec:patch4 / transformer:2x16", "unknown mixer 'transformer'; mixers: attention"),
+    ("spec:patch4", "a stem and at least one stage"),
+    ("spec:patchy / attention:2x16", "use patch<P>"),
+    ("spec:patch4 / attention:2-16", "mixer:DEPTHxWIDTH"),
+    ("spec:patch4 / attention:2x16:heads", "key=value"),
+    ("spec:patch4 / attention:2x16:window=7", "unknown option(s) ['window']"),
+    ("spec:patch4 / attention:2x16 / attention:2x32:downsample=none", "downsample none keeps the width"),
+    ("spec:conv3 / attention:2x16", "power of two"),
+])
+def test_bad_specs_are_explained(spec, message):
+    with pytest.raises(SpecError) as e:
+        mixlab.create_model(spec, img_size=32)
+    assert message in str(e.value)
+
+
+def test_token_mixing_spec_fixes_the_input_size():
+    m = mixlab.create_model("spec:patch4 / mlp:1x16", img_size=32)
+    with pytest.raises(ValueError, match="img_size"):
+        m(torch.randn(1, 3, 64, 64))
+
+
+def test_a_user_spec_trains_like_a_registered_model(tmp_path):
+    cfg = build_config({"model": {"name": "spec:patch2 / convnext:1x16:kernel=3 / attention:1x32:heads=2"},
+                        "data": {"name": "digits", "limit_train": 256, "limit_val": 64},
+                        "train": {"epochs": 1, "batch_size": 32}, "log": {"progress": "false"},
+                        "output_dir": str(tmp_path), "name": "spec-run"})
+    s = train(cfg)
+    assert s["params"] > 0 and s["steps"] == 8
+    with pytest.raises(ConfigError, match="unknown mixer"):
+        build_config({"model": {"name": "spec:patch2 / convolution:1x16"}})
+
+
+def test_info_accepts_a_spec(capsys):
+    from mixlab.cli import main
+    assert main(["info", "spec:patch2 / convnext:2x32 / attention:2x64:heads=2", "--img-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "16x16" in out and "attention (global) (heads=2)" in out
+
+
+def test_default_run_name_of_a_spec_is_a_safe_file_name():
+    from mixlab.engine.trainer import model_slug
+    assert model_slug("spec:patch2 / convnext:2x32 / attention:2x64:heads=2") == \
+        "spec-patch2-convnext-2x32-attention-2x64-heads-2"
+    assert model_slug("configs/my_hybrid.yaml") == "my_hybrid"
+    long = model_slug("spec:patch4" + " / attention:2x64" * 10)
+    assert len(long) <= 60 and "/" not in long

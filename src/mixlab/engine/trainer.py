@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -159,7 +160,6 @@ def _train(cfg: Config, dinfo: DistInfo, run_dir, resume: bool) -> dict:
         raise ConfigError("train.amp fp16 needs a CUDA device; on the CPU use bf16 (or none)")
     run_dir = resolve_run_dir(cfg, run_dir, resume)
     if resume and (run_dir / "config.yaml").exists():  # a resumed run keeps its own configuration
-        import yaml
         saved = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
         if saved.to_dict() != cfg.to_dict():
             _log(dinfo, f"resuming {run_dir} with the configuration it was started with")
@@ -400,7 +400,6 @@ def evaluate_run(path, data: str | None = None, data_root: str | None = None, us
     """Evaluate a run directory or one of its checkpoints on the validation split of its
     dataset, or of ``data`` (same classes and channels). For a run directory: its
     ``best.safetensors``, or with ``use_ema`` the EMA weights of its newest checkpoint."""
-    import yaml
     path = Path(path)
     if path.is_dir():
         # the best weights by default; the EMA weights live in the training state of the newest checkpoint

@@ -126,15 +126,21 @@ def test_attention_rows_sum_to_one(case):
     close(A.sum(-1), torch.ones(A.shape[:-1], dtype=A.dtype))
 
 
-def test_window_attention_unshifted_is_block_diagonal():
+def _window_affinity_8x8(shift: int, batch: int):
+    """Affinity of a 4x4-window attention on an 8x8 map, and the (64, 64) mask of position
+    pairs that share an unshifted window."""
     torch.manual_seed(0)
-    m = prepare(WindowAttention(C, 2, window_size=4, shift_size=0))
-    x = torch.randn(2, 8, 8, C, dtype=torch.float64)
+    m = prepare(WindowAttention(C, 2, window_size=4, shift_size=shift))
+    x = torch.randn(batch, 8, 8, C, dtype=torch.float64)
     with torch.no_grad():
         A = m.affinity(x)
     ys, xs = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
     win = (ys // 4 * 2 + xs // 4).flatten()  # window id of each position
-    same = win[:, None] == win[None, :]
+    return A, win[:, None] == win[None, :]
+
+
+def test_window_attention_unshifted_is_block_diagonal():
+    A, same = _window_affinity_8x8(shift=0, batch=2)
     assert (A[..., ~same] == 0).all(), "attention leaks outside the query's window"
     assert (A[..., same] > 0).all(), "attention must be positive everywhere inside the window"
     close(A.sum(-1), torch.ones(2, 2, 64, dtype=torch.float64))
@@ -142,14 +148,7 @@ def test_window_attention_unshifted_is_block_diagonal():
 
 def test_window_attention_shifted_differs_from_unshifted_pattern():
     """The shifted layer's affinity has non-zeros across the unshifted window borders."""
-    torch.manual_seed(0)
-    m = prepare(WindowAttention(C, 2, window_size=4, shift_size=2))
-    x = torch.randn(1, 8, 8, C, dtype=torch.float64)
-    with torch.no_grad():
-        A = m.affinity(x)
-    ys, xs = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
-    win = (ys // 4 * 2 + xs // 4).flatten()
-    same = win[:, None] == win[None, :]
+    A, same = _window_affinity_8x8(shift=2, batch=1)
     assert (A[..., ~same] != 0).any()
 
 

@@ -55,7 +55,8 @@ def cmd_info(args) -> int:
     rows = []
     for p in prof.parts:
         res = f"{p.resolution[0]}x{p.resolution[1]}" if p.resolution else ""
-        rows.append([p.name, res, p.channels or "", p.depth or "", p.mixer or "", _fmt_int(p.params), _fmt_macs(p.macs)])
+        rows.append([p.name, res, p.channels or "", p.depth or "", p.mixer or "", _fmt_int(p.params),
+                     _fmt_macs(p.macs)])
     print()
     print(_table(rows, ["part", "resolution", "channels", "depth", "mixer", "params", "MACs"]))
     print()
@@ -94,11 +95,9 @@ def cmd_train(args) -> int:
     from .engine.trainer import train
 
     if args.resume and args.resume is not True and not args.config:
+        from .config import load_run_config
         run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").exists():
-            raise ValueError(f"--resume {run_dir}: no config.yaml there; give the run directory of a mixlab run")
-        from .config import config_from_dict
-        cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        cfg = load_run_config(run_dir)
         if args.print_config:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
@@ -211,7 +210,8 @@ def main(argv=None) -> int:
         print(f"mixlab {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        if type(e).__name__ != "TrainingDiverged":
+        from .engine.trainer import TrainingDiverged  # imported late: most commands never load the engine
+        if not isinstance(e, TrainingDiverged):
             raise
         print(f"mixlab {args.command}: error: {e}", file=sys.stderr)
         return 3

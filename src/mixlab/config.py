@@ -339,3 +339,14 @@ def config_from_dict(d: dict) -> Config:
     _merge_into(cfg, d)
     validate(cfg)
     return cfg
+
+
+RUN_CONFIG = "config.yaml"
+
+
+def load_run_config(run_dir) -> Config:
+    """The resolved configuration a run directory was started with (its ``config.yaml``)."""
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"no {RUN_CONFIG} in {str(run_dir)!r}: give the directory of a mixlab run")
+    return config_from_dict(yaml.safe_load(path.read_text()))

@@ -27,7 +27,8 @@ def list_models(pattern: str = "*", family: str | None = None) -> list[str]:
     pat = pattern.lower()
     if not any(c in pat for c in "*?["):
         pat = f"*{pat}*"
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n.lower(), pat) and (family is None or _FAMILY[n] == family))
+    return sorted(n for n in _REGISTRY
+                  if fnmatch.fnmatchcase(n.lower(), pat) and (family is None or _FAMILY[n] == family))
 
 
 def model_family(name: str) -> str:

@@ -472,7 +472,8 @@ class CheckpointManager:
         absent = [p.name for p in (weights_path, state_path) if not p.is_file()]
         if absent:
             raise CheckpointError(f"checkpoint {str(stem)!r} is incomplete or does not exist: {', '.join(absent)} "
-                                  f"missing; complete checkpoints: {[self.stem(s).name for s in self.complete_steps()]}")
+                                  f"missing; complete checkpoints: "
+                                  f"{[self.stem(s).name for s in self.complete_steps()]}")
         weights, metadata = load_weights(weights_path)
         state = load_state(state_path)
         if not isinstance(state, dict) or "train_state" not in state:

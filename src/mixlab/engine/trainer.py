@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from .. import __version__
 from ..analysis import count_macs, count_params
-from ..config import Config, ConfigError, config_from_dict
+from ..config import RUN_CONFIG, Config, ConfigError, load_run_config
 from ..data import MixupCutmix, ResumableSampler, SeededDataset, build_datasets, build_transforms, mix_seed
 from ..registry import create_model
 from .checkpoint import CheckpointManager, check_compatible, load_weights, rng_state, set_rng_state
@@ -137,7 +136,7 @@ def resolve_run_dir(cfg: Config, run_dir=None, resume: bool = False) -> Path:
     if run_dir is None:
         run_dir = Path(cfg.output_dir) / (cfg.name or f"{model_slug(cfg.model.name)}-{cfg.data.name}")
     run_dir = Path(run_dir)
-    if not resume and (run_dir / "config.yaml").exists():
+    if not resume and (run_dir / RUN_CONFIG).exists():
         raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; pass --resume to continue it, "
                           f"or choose another --name / --output")
     return run_dir
@@ -159,8 +158,8 @@ def _train(cfg: Config, dinfo: DistInfo, run_dir, resume: bool) -> dict:
     if tc.amp == "fp16" and device.type != "cuda":
         raise ConfigError("train.amp fp16 needs a CUDA device; on the CPU use bf16 (or none)")
     run_dir = resolve_run_dir(cfg, run_dir, resume)
-    if resume and (run_dir / "config.yaml").exists():  # a resumed run keeps its own configuration
-        saved = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    if resume and (run_dir / RUN_CONFIG).exists():  # a resumed run keeps its own configuration
+        saved = load_run_config(run_dir)
         if saved.to_dict() != cfg.to_dict():
             _log(dinfo, f"resuming {run_dir} with the configuration it was started with")
         cfg, tc = saved, saved.train
@@ -235,7 +234,7 @@ def _train(cfg: Config, dinfo: DistInfo, run_dir, resume: bool) -> dict:
 
     if dinfo.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.yaml")
+        cfg.save(run_dir / RUN_CONFIG)
     barrier(dinfo)
     metrics = MetricsLog(run_dir) if dinfo.is_main else None
     if metrics is not None:
@@ -413,10 +412,7 @@ def evaluate_run(path, data: str | None = None, data_root: str | None = None, us
         weights_path, run_dir = path, path.parent.parent
     if not weights_path.exists():
         raise ConfigError(f"checkpoint {str(weights_path)!r} does not exist")
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.exists():
-        raise ConfigError(f"no config.yaml in {run_dir}: evaluate a checkpoint inside a mixlab run directory")
-    cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+    cfg = load_run_config(run_dir)  # a checkpoint is evaluated as the run that wrote it built its model
     if data:
         cfg.data.name = data
     if data_root:

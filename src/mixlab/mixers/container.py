@@ -108,7 +108,8 @@ class ContainerMixer(Mixer):
         if self.dynamic:
             o = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v),
                                                dropout_p=self.attn_drop if self.training else 0.0)
-            out = alpha * o.transpose(1, 2).reshape(B, H, W, C) if self.static else o.transpose(1, 2).reshape(B, H, W, C)
+            o = o.transpose(1, 2).reshape(B, H, W, C)
+            out = alpha * o if self.static else o
         if self.static:
             s = self._static_out(v)
             out = out + beta * s if self.dynamic else s

@@ -29,7 +29,8 @@ def build(cls, defaults: dict, overrides: dict) -> nn.Module:
         for k in bad:
             close = difflib.get_close_matches(k, valid, n=1)
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise TypeError(f"{cls.__name__} got unknown argument(s) {', '.join(hints)}; valid arguments: {', '.join(valid)}")
+        raise TypeError(f"{cls.__name__} got unknown argument(s) {', '.join(hints)}; "
+                        f"valid arguments: {', '.join(valid)}")
     return cls(**{**defaults, **overrides})
 
 

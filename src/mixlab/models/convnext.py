@@ -31,8 +31,8 @@ class ConvNeXtBlock(nn.Module):
 
 
 class ConvNeXt(HierarchicalModel):
-    """ConvNeXt: patchify stem (4x4; ``patch_size`` for small images) + LN, stages of ConvNeXt blocks joined by LN + 2x2/2
-    convolutions, global average pooling, LN, classifier."""
+    """ConvNeXt: patchify stem (4x4; ``patch_size`` for small images) + LN, stages of ConvNeXt
+    blocks joined by LN + 2x2/2 convolutions, global average pooling, LN, classifier."""
 
     def __init__(self, img_size=224, in_chans: int = 3, num_classes: int = 1000, depths=(3, 3, 9, 3),
                  dims=(96, 192, 384, 768), kernel_size: int = 7, layer_scale: float | None = 1e-6,
@@ -45,7 +45,8 @@ class ConvNeXt(HierarchicalModel):
             stages.append(Stage(down, [ConvNeXtBlock(dim, kernel_size, layer_scale=layer_scale, drop_path=dpr[i][j])
                                        for j in range(depth)]))
             info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"stages.{i}"))
-        super().__init__(in_chans, num_classes, img_size, stem=PatchEmbed(patch_size, in_chans, dims[0], norm_layer=norm),
+        super().__init__(in_chans, num_classes, img_size,
+                         stem=PatchEmbed(patch_size, in_chans, dims[0], norm_layer=norm),
                          stages=stages, norm=nn.Identity(),
                          head=ClassifierHead(dims[-1], num_classes, pool="avg", norm_layer=norm, drop_rate=drop_rate),
                          feature_info=info, stage_mixers=[f"depthwise conv {kernel_size}x{kernel_size}"] * len(depths))

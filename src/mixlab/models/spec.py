@@ -158,14 +158,22 @@ def _check_stage(i: int, st: dict) -> dict:
 
 
 def check_spec(source) -> dict:
-    """Load a specification and check its stem and stages without building it."""
+    """Load a specification and check it without building anything. Returns it normalised:
+    the stem and head with their defaults, each stage with its mixer's default options."""
     spec = load_spec(source)
-    stem = (spec.get("stem") or {}).get("type", "patch")
-    if stem not in STEMS:
-        raise SpecError(f"stem type {stem!r} is not one of {', '.join(STEMS)}")
-    for i, st in enumerate(spec.get("stages") or []):
-        _check_stage(i, st)
-    return spec
+    unknown = set(spec) - {"stem", "stages", "head", "mlp_ratio", "name"}
+    if unknown:
+        raise SpecError(f"unknown specification key(s) {sorted(unknown)}; use stem, stages, head, mlp_ratio")
+    stages = spec.get("stages") or []
+    if not stages:
+        raise SpecError("a specification needs at least one stage")
+    stem = {"type": "patch", "size": 4, **(spec.get("stem") or {})}
+    if stem["type"] not in STEMS:
+        raise SpecError(f"stem type {stem['type']!r} is not one of {', '.join(STEMS)}")
+    head = {"pool": "avg", **(spec.get("head") or {})}
+    if set(head) - {"pool"} or head["pool"] != "avg":
+        raise SpecError(f"head {head!r}: only {{pool: avg}} is supported for specified models")
+    return {**spec, "stem": stem, "head": head, "stages": [_check_stage(i, st) for i, st in enumerate(stages)]}
 
 
 class SpecNet(HierarchicalModel):
@@ -173,32 +181,19 @@ class SpecNet(HierarchicalModel):
 
     def __init__(self, spec, img_size=224, in_chans: int = 3, num_classes: int = 1000, mlp_ratio: float | None = None,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0):
-        spec = load_spec(spec)
-        unknown = set(spec) - {"stem", "stages", "head", "mlp_ratio", "name"}
-        if unknown:
-            raise SpecError(f"unknown specification key(s) {sorted(unknown)}; use stem, stages, head, mlp_ratio")
-        stages_in = spec.get("stages") or []
-        if not stages_in:
-            raise SpecError("a specification needs at least one stage")
-        stages_cfg = [_check_stage(i, st) for i, st in enumerate(stages_in)]
+        spec = check_spec(spec)
+        stages_cfg, stem_cfg = spec["stages"], spec["stem"]
         default_ratio = mlp_ratio or spec.get("mlp_ratio", 4.0)
-        stem_cfg = {"type": "patch", "size": 4, **(spec.get("stem") or {})}
         img = to_2tuple(img_size)
         width0 = stages_cfg[0]["width"]
+        reduction = stem_cfg["size"]
         if stem_cfg["type"] == "patch":
             stem = PatchEmbed(stem_cfg["size"], in_chans, width0, norm_layer=partial(nn.LayerNorm, eps=1e-6))
-            reduction = stem_cfg["size"]
-        elif stem_cfg["type"] == "conv":
+        else:  # conv: 3x3 stride-2 convolutions down to the stem's stride
             n = int(stem_cfg["size"]).bit_length() - 1
             if 2 ** n != stem_cfg["size"] or n < 1:
                 raise SpecError(f"a conv stem's size (its stride) must be a power of two >= 2, got {stem_cfg['size']}")
             stem = ConvStem(in_chans, [max(width0 // 2 ** (n - k), 8) for k in range(n)], width0)
-            reduction = stem_cfg["size"]
-        else:
-            raise SpecError(f"stem type {stem_cfg['type']!r} is not one of {', '.join(STEMS)}")
-        head_cfg = {"pool": "avg", **(spec.get("head") or {})}
-        if set(head_cfg) - {"pool"} or head_cfg["pool"] != "avg":
-            raise SpecError(f"head {head_cfg!r}: only {{pool: avg}} is supported for specified models")
 
         dpr = stochastic_depth_rates(drop_path_rate, [s["depth"] for s in stages_cfg])
         ln = partial(nn.LayerNorm, eps=1e-6)
@@ -226,7 +221,7 @@ class SpecNet(HierarchicalModel):
         super().__init__(in_chans, num_classes, img_size, stem=stem, stages=stages, norm=ln(prev),
                          head=ClassifierHead(prev, num_classes, pool="avg", drop_rate=drop_rate),
                          feature_info=info, stage_mixers=mixers)
-        self.spec = {"stem": stem_cfg, "stages": stages_in, "head": head_cfg, "mlp_ratio": default_ratio}
+        self.spec = {**spec, "mlp_ratio": default_ratio}
         self.apply(init_weights_vit)
 
     @staticmethod

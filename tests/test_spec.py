@@ -8,7 +8,7 @@ import yaml
 import mixlab
 from mixlab.config import ConfigError, build_config
 from mixlab.engine.trainer import train
-from mixlab.models.spec import MIXERS, SpecError, parse_spec
+from mixlab.models.spec import MIXERS, RESNET_MIXERS, SpecError, parse_spec
 
 HYBRID = "spec:patch2 / convnext:2x16:kernel=3 / convnext:2x32:kernel=3 / attention:2x64:heads=2 / attention:1x64:heads=2"
 
@@ -32,7 +32,8 @@ def test_compact_string_equals_mapping(tmp_path):
 @pytest.mark.parametrize("mixer", list(MIXERS))
 def test_every_mixer_builds_runs_and_trains(mixer):
     torch.manual_seed(0)
-    m = mixlab.create_model(f"spec:conv4 / {mixer}:2x16 / {mixer}:1x32:downsample=merge", img_size=32, in_chans=1,
+    down = "stride" if mixer in RESNET_MIXERS else "merge"
+    m = mixlab.create_model(f"spec:conv4 / {mixer}:2x16 / {mixer}:1x32:downsample={down}", img_size=32, in_chans=1,
                             num_classes=3, drop_path_rate=0.1)
     x = torch.randn(2, 1, 32, 32)
     out = m(x)
@@ -57,6 +58,10 @@ def test_downsample_none_keeps_the_resolution():
     ("spec:patch4 / attention:2x16:window=7", "unknown option(s) ['window']"),
     ("spec:patch4 / attention:2x16 / attention:2x32:downsample=none", "downsample none keeps the width"),
     ("spec:conv3 / attention:2x16", "power of two"),
+    ("spec:conv2 / basic:1x16 / basic:1x32:downsample=conv", "downsample 'conv' is not one of stride, none"),
+    ("spec:conv2 / convnext:1x16 / convnext:1x32:downsample=stride", "is not one of conv, merge, none"),
+    ("spec:conv2 / bottleneck:1x18", "divisible by 4"),
+    ("spec:patch4 / attention:1x16:pos=sin", "pos 'sin' is not one of none, abs, cpe"),
 ])
 def test_bad_specs_are_explained(spec, message):
     with pytest.raises(SpecError) as e:
@@ -95,3 +100,41 @@ def test_default_run_name_of_a_spec_is_a_safe_file_name():
     assert model_slug("configs/my_hybrid.yaml") == "my_hybrid"
     long = model_slug("spec:patch4" + " / attention:2x64" * 10)
     assert len(long) <= 60 and "/" not in long
+
+
+def test_resnet_blocks_downsample_inside_their_first_block():
+    m = mixlab.create_model("spec:conv2 / basic:2x16 / bottleneck:2x64", img_size=28, in_chans=1, num_classes=10)
+    assert [fi["reduction"] for fi in m.feature_info] == [2, 4]
+    first = m.stages[1].blocks[0]
+    assert first.conv2.stride == (2, 2) and first.downsample is not None  # ResNet v1.5: the 3x3 strides
+    assert isinstance(m.stages[1].downsample, torch.nn.Identity)
+    assert [f.shape[-2:] for f in m.forward_intermediates(torch.randn(1, 1, 28, 28))] == [(14, 14), (7, 7)]
+
+
+def test_position_encodings_of_a_stage():
+    m = mixlab.create_model("spec:patch4 / attention:1x32:heads=2,pos=abs / attention:1x64:heads=2,pos=cpe",
+                            img_size=32)
+    keys = list(m.state_dict())
+    assert "stages.0.downsample.pos.pos_embed" in keys
+    assert m.state_dict()["stages.0.downsample.pos.pos_embed"].shape == (1, 64, 32)
+    assert any(k.startswith("stages.1.downsample.1.proj") for k in keys)  # conv downsample, then CPE
+    assert "pos=abs" in m.stage_mixers[0]
+    # without a position encoding global attention is permutation-equivariant; with one it is not
+    x = torch.randn(1, 3, 32, 32)
+    assert m(torch.randn(1, 3, 48, 48)).shape == (1, 1000)  # the embedding is resampled to a 12x12 grid
+    plain = mixlab.create_model("spec:patch4 / attention:1x32:heads=2", img_size=32).eval()
+    flipped = x.view(1, 3, 8, 4, 8, 4).flip(4).reshape(1, 3, 32, 32)  # the 4x4 patches in mirrored order
+    assert torch.allclose(plain(x), plain(flipped), atol=1e-5)
+    m.eval()
+    assert not torch.allclose(m(x), m(flipped), atol=1e-5)
+
+
+def test_mac_counting_on_meta_does_not_poison_window_attention():
+    """MACs are counted on the meta device; window attention caches its masks per size and
+    must not keep meta tensors that a real forward would then fail on."""
+    from mixlab.analysis import count_macs
+    name = "spec:patch2 / window:1x16:heads=2,window=4 / window:2x32:heads=2,window=4"
+    with torch.device("meta"):
+        meta = mixlab.create_model(name, img_size=28)
+        count_macs(meta, torch.empty(1, 3, 28, 28))
+    assert mixlab.create_model(name, img_size=28)(torch.randn(1, 3, 28, 28)).isfinite().all()

@@ -32,6 +32,13 @@ def _window_layout(H: int, W: int, wh: int, ww: int, sh: int, sw: int):
     that are padding. Padded queries see everything (their output is cropped away) so no
     softmax row is empty.
     """
+    # built on the CPU whatever the default device (a meta-device context for counting MACs
+    # must not leave data-less tensors in the cache); callers move them to the input's device
+    with torch.device("cpu"):
+        return _layout(H, W, wh, ww, sh, sw)
+
+
+def _layout(H: int, W: int, wh: int, ww: int, sh: int, sw: int):
     Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
     ids = torch.full((Hp, Wp), -1, dtype=torch.long)
     ids[:H, :W] = torch.arange(H * W).view(H, W)

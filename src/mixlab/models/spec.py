@@ -30,9 +30,18 @@ pool           generic block, PoolFormer's pooling with GroupNorm(1)            
 mlp            generic block, MLP-Mixer's token-mixing MLP (fixes the input size)  tokens_ratio
 container      generic block, Container's α·attention + β·dwconv, BatchNorm, CPE   heads, kernel
 conv_static    Container-Light's static block (dwconv between 1x1 projections)     kernel
+basic          ResNet-18's block: two dense 3x3 convolutions, BatchNorm, ReLU
+bottleneck     ResNet-50's block: 1x1, dense 3x3, 1x1 (width/4 inside), BatchNorm
 =============  ==================================================================  =========
 
-Every stage also takes ``mlp_ratio`` and ``downsample``.
+Every stage also takes ``mlp_ratio``, ``downsample`` and ``pos``. A stage after the first
+halves the resolution by ``downsample``: ``conv`` (LayerNorm + 2x2 stride-2 convolution,
+ConvNeXt's way; the default), ``merge`` (Swin's patch merging), ``stride`` (ResNet's way: the
+first block's 3x3 convolution strides by 2, with a projection shortcut; the default, and only
+choice besides ``none``, for ``basic`` and ``bottleneck``) or ``none`` (same resolution and
+width). ``pos`` adds a position encoding at the start of the stage: ``abs`` (a learned
+absolute embedding, ViT's; resampled for other input sizes), ``cpe`` (a conditional one, a
+3x3 depthwise convolution of the features) or ``none`` (the default).
 """
 from __future__ import annotations
 
@@ -43,12 +52,13 @@ from pathlib import Path
 import torch.nn as nn
 import yaml
 
-from ..layers import (BatchNormNHWC, ClassifierHead, ConditionalPosEnc, ConvEmbed, ConvStem, GroupNorm1NHWC, Mlp,
+from ..layers import (AbsolutePosEmbed, BatchNormNHWC, ClassifierHead, ConditionalPosEnc, ConvEmbed, ConvStem, GroupNorm1NHWC, Mlp,
                       PatchEmbed, PatchMerging, stochastic_depth_rates, to_2tuple)
 from ..mixers import Attention, ContainerMixer, DepthwiseConv, Pooling, TokenMixingMLP, WindowAttention
 from .base import HierarchicalModel, Stage, init_weights_vit
 from .blocks import MetaBlock
 from .convnext import ConvNeXtBlock
+from .resnet import BasicBlock, Bottleneck
 
 
 class SpecError(ValueError):
@@ -65,9 +75,13 @@ MIXERS = {
     "mlp": ({"tokens_ratio": 0.5}, "token-mixing MLP"),
     "container": ({"heads": 4, "kernel": 5}, "container: α·attention + β·dwconv"),
     "conv_static": ({"kernel": 5}, "container static: dwconv"),
+    "basic": ({}, "ResNet basic block (dense 3x3 convs)"),
+    "bottleneck": ({}, "ResNet bottleneck (dense 3x3 conv)"),
 }
-STAGE_KEYS = {"mixer", "depth", "width", "downsample", "mlp_ratio"}
-DOWNSAMPLES = ("conv", "merge", "none")
+RESNET_MIXERS = ("basic", "bottleneck")
+STAGE_KEYS = {"mixer", "depth", "width", "downsample", "mlp_ratio", "pos"}
+DOWNSAMPLES = ("conv", "merge", "stride", "none")
+POS = ("none", "abs", "cpe")
 STEMS = ("patch", "conv")
 
 
@@ -151,10 +165,19 @@ def _check_stage(i: int, st: dict) -> dict:
     for key in ("depth", "width"):
         if not isinstance(st.get(key), int) or st[key] < 1:
             raise SpecError(f"stage {i} ({mixer}): {key} must be a positive integer, got {st.get(key)!r}")
-    down = st.get("downsample", "conv")
-    if down not in DOWNSAMPLES:
-        raise SpecError(f"stage {i}: downsample {down!r} is not one of {', '.join(DOWNSAMPLES)}")
-    return {**opts, "mlp_ratio": None, **st, "downsample": down}
+    resnet = mixer in RESNET_MIXERS
+    down = st.get("downsample", "stride" if resnet else "conv")
+    allowed = ("stride", "none") if resnet else ("conv", "merge", "none")
+    if down not in allowed:
+        raise SpecError(f"stage {i} ({mixer}): downsample {down!r} is not one of {', '.join(allowed)}"
+                        + (" (ResNet blocks downsample inside their first block)" if resnet else ""))
+    if mixer == "bottleneck" and st["width"] % 4:
+        raise SpecError(f"stage {i} (bottleneck): width {st['width']} must be divisible by 4 (the block is width/4 "
+                        f"wide inside)")
+    pos = st.get("pos", "none")
+    if pos not in POS:
+        raise SpecError(f"stage {i} ({mixer}): pos {pos!r} is not one of {', '.join(POS)}")
+    return {**opts, "mlp_ratio": None, **st, "downsample": down, "pos": pos}
 
 
 def check_spec(source) -> dict:
@@ -187,6 +210,7 @@ class SpecNet(HierarchicalModel):
         img = to_2tuple(img_size)
         width0 = stages_cfg[0]["width"]
         reduction = stem_cfg["size"]
+        grid = (img[0] // reduction, img[1] // reduction)  # the feature map's size, stage by stage
         if stem_cfg["type"] == "patch":
             stem = PatchEmbed(stem_cfg["size"], in_chans, width0, norm_layer=partial(nn.LayerNorm, eps=1e-6))
         else:  # conv: 3x3 stride-2 convolutions down to the stem's stride
@@ -201,19 +225,27 @@ class SpecNet(HierarchicalModel):
         prev = width0
         for i, st in enumerate(stages_cfg):
             w = st["width"]
-            down = None
+            down, stride, block_in = None, 1, w
             if i > 0:
                 if st["downsample"] == "none":
                     if w != prev:
                         raise SpecError(f"stage {i}: downsample none keeps the width, but {prev} -> {w}; use "
-                                        f"downsample conv or merge, or width {prev}")
-                elif st["downsample"] == "merge":
-                    down, reduction = PatchMerging(prev, w), reduction * 2
+                                        f"another downsample, or width {prev}")
+                elif st["downsample"] == "merge":  # odd sizes are padded: ceil
+                    down, grid = PatchMerging(prev, w), ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
+                elif st["downsample"] == "stride":  # 3x3, stride 2, padding 1: ceil
+                    stride, grid = 2, ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
                 else:
-                    down, reduction = ConvEmbed(prev, w, 2, 2, pre_norm=ln), reduction * 2
-            grid = (img[0] // reduction, img[1] // reduction)
+                    down, grid = ConvEmbed(prev, w, 2, 2, pre_norm=ln), (grid[0] // 2, grid[1] // 2)
+                reduction = reduction * 2 if st["downsample"] != "none" else reduction
+            if st["mixer"] in RESNET_MIXERS:
+                block_in = prev if i > 0 else width0
+            if st["pos"] != "none":
+                pos = _GridAbsPos(grid, w) if st["pos"] == "abs" else ConditionalPosEnc(w, 3)
+                down = pos if down is None else nn.Sequential(down, pos)
             ratio = st["mlp_ratio"] or default_ratio
-            blocks = [self._block(st, w, grid, ratio, dpr[i][j], j, drop_rate) for j in range(st["depth"])]
+            blocks = [self._block(st, w, grid, ratio, dpr[i][j], j, drop_rate,
+                                  block_in if j == 0 else w, stride if j == 0 else 1) for j in range(st["depth"])]
             stages.append(Stage(down, blocks))
             info.append(dict(num_chs=w, reduction=reduction, module=f"stages.{i}"))
             mixers.append(self._describe(st))
@@ -228,12 +260,22 @@ class SpecNet(HierarchicalModel):
     def _describe(st: dict) -> str:
         desc = MIXERS[st["mixer"]][1]
         extra = {k: st[k] for k in MIXERS[st["mixer"]][0]}
-        return f"{desc} ({', '.join(f'{k}={v}' for k, v in extra.items())})"
+        if st["pos"] != "none":
+            extra["pos"] = st["pos"]
+        return f"{desc} ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else desc
 
     @staticmethod
-    def _block(st: dict, w: int, grid, ratio: float, dp: float, j: int, drop: float) -> nn.Module:
+    def _block(st: dict, w: int, grid, ratio: float, dp: float, j: int, drop: float, in_chs: int,
+               stride: int) -> nn.Module:
         m = st["mixer"]
         ln = partial(nn.LayerNorm, eps=1e-6)
+        if m in RESNET_MIXERS:
+            block = (BasicBlock(in_chs, w, stride, dp) if m == "basic"
+                     else Bottleneck(in_chs, w // Bottleneck.expansion, stride, dp))
+            for mod in block.modules():
+                if isinstance(mod, nn.Conv2d):
+                    nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+            return block
         if m == "convnext":
             return ConvNeXtBlock(w, st["kernel"], mlp_ratio=ratio, layer_scale=None, drop_path=dp)
         if m == "attention":
@@ -256,6 +298,18 @@ class SpecNet(HierarchicalModel):
             return MetaBlock(w, mixer, mlp_ratio=ratio, norm_layer=BatchNormNHWC, drop=drop, drop_path=dp,
                              pos=ConditionalPosEnc(w, 3))
         return MetaBlock(w, mixer, mlp_ratio=ratio, norm_layer=ln, drop=drop, drop_path=dp)
+
+
+class _GridAbsPos(nn.Module):
+    """A learned absolute position embedding added to a (B, H, W, C) map."""
+
+    def __init__(self, grid, dim: int):
+        super().__init__()
+        self.pos = AbsolutePosEmbed(grid, dim)
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        return self.pos(x.reshape(B, H * W, C), (H, W)).reshape(B, H, W, C)
 
 
 def create_from_spec(source, **kwargs) -> SpecNet:

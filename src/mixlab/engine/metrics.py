@@ -1,9 +1,11 @@
 """Accuracy, the training loss functions, and the run's metric files."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -29,13 +31,22 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
     return [int(hit[:, :min(k, maxk)].any(dim=-1).sum()) for k in ks]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_atomic(path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and
+    :func:`os.replace`: a crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 class MetricsLog:

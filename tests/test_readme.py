@@ -2,6 +2,7 @@
 and its test command is the one .ci/run runs."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -28,15 +29,16 @@ def test_ci_runs_the_readme_test_command():
     assert test_cmd in ci
 
 
-def _table_rows():
-    table = README.split("<!-- model-table:start -->")[1].split("<!-- model-table:end -->")[0]
+def _table_rows(marker="model-table"):
+    table = README.split(f"<!-- {marker}:start -->")[1].split(f"<!-- {marker}:end -->")[0]
     for line in table.strip().splitlines()[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         yield cells[0].strip("`"), float(cells[1]), float(cells[2])
 
 
 def test_model_table_lists_every_model():
-    assert sorted(r[0] for r in _table_rows()) == mixlab.list_models()
+    names = [r[0] for r in _table_rows()] + [r[0] for r in _table_rows("nano-table")]
+    assert sorted(names) == mixlab.list_models()
 
 
 @pytest.mark.parametrize("name,params,gmacs", list(_table_rows()))
@@ -46,3 +48,30 @@ def test_model_table_is_measured(name, params, gmacs):
         macs, _ = count_macs(m, torch.empty(1, 3, *m.img_size))
     assert round(count_params(m) / 1e6, 2) == params
     assert round(macs / 1e9, 2) == gmacs
+
+
+@pytest.mark.parametrize("name,params,mmacs", list(_table_rows("nano-table")))
+def test_nano_table_is_measured(name, params, mmacs):
+    from mixlab.models.nano import NANO_SPECS
+    with torch.device("meta"):
+        m = mixlab.create_model(name).eval()
+        macs, _ = count_macs(m, torch.empty(1, 3, *m.img_size))
+    assert m.img_size == (32, 32) and m.num_classes == 10
+    assert round(count_params(m) / 1e6, 2) == params
+    assert round(macs / 1e6, 1) == mmacs
+    assert f"`{NANO_SPECS[name]}`" in README
+
+
+def test_readme_arena_table_is_a_measured_report():
+    """The digits leaderboard in the README is a run's output, not typed in: each row equals
+    the row of the committed report (docs/arena-digits/, whose report.png is the README's picture)."""
+    table = README.split("<!-- arena-digits:start -->")[1].split("<!-- arena-digits:end -->")[0]
+    readme_rows = [ln for ln in table.strip().splitlines()[2:]]
+    report = (ROOT / "docs" / "arena-digits" / "leaderboard.md").read_text()
+    report_rows = [ln for ln in report.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
+    assert len(readme_rows) == len(report_rows) == 8
+    for mine, theirs in zip(readme_rows, report_rows):
+        assert mine.rstrip("|").rstrip() == theirs.rstrip("|").rstrip().rsplit("|", 1)[0].rstrip()  # minus seeds
+    results = json.loads((ROOT / "docs" / "arena-digits" / "results.json").read_text())
+    assert results["config"]["data"] == "digits" and results["environment"]["cpu cores"] == "2"
+    assert "](docs/arena-digits/report.png)" in README and (ROOT / "docs" / "arena-digits" / "report.png").exists()

@@ -124,6 +124,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_arena(args) -> int:
+    from .arena import ArenaSettings, run_arena
+
+    settings = ArenaSettings(models=args.models or ["nano"], data=args.data, data_root=args.data_root,
+                             epochs=args.epochs, seeds=args.seeds, recipe=args.recipe, img_size=args.img_size,
+                             batch_size=args.batch_size, device=args.device, overrides=args.set or [],
+                             out=args.out, measure_speed=not args.no_speed)
+    try:
+        result = run_arena(settings, quiet=args.quiet)
+    except KeyboardInterrupt:
+        print("mixlab arena: interrupted; finished runs are kept, rerun the same command to continue",
+              file=sys.stderr)
+        return 130
+    if result["failed"]:
+        print(f"mixlab arena: {len(result['failed'])} model(s) failed: {', '.join(result['failed'])} "
+              f"(see the report's status column and each run's train.log)", file=sys.stderr)
+        return 1
+    print(open(result["report"]["markdown"]).read())
+    return 0
+
+
 def cmd_recipes(args) -> int:
     from .config import list_recipes, recipe_path
 
@@ -191,6 +212,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("arena", help="train several models under one recipe and seeds; write a comparison report",
+                       description="Train a line-up of models (default: the nano family) under the identical "
+                                   "recipe, data, epochs and seeds, then write a report directory: leaderboard "
+                                   "(Markdown, CSV), plots (PNG) and one self-contained HTML page. Rerunning the "
+                                   "same command skips finished runs and continues an interrupted one.")
+    s.add_argument("models", nargs="*", metavar="MODEL",
+                   help="registered names, 'spec:...' strings or spec .yaml files; 'nano' stands for the nano "
+                        "line-up (the default)")
+    s.add_argument("--data", default="digits", help="digits (default, bundled) | fashion-mnist | cifar10 | "
+                   "cifar100 | imagefolder")
+    s.add_argument("--data-root", help="where the dataset's files are")
+    s.add_argument("--epochs", type=int, help="epochs per run (default: 5 on digits, else the recipe's)")
+    s.add_argument("--seeds", type=int, default=1, help="runs per model, with seeds 0..N-1 (default 1)")
+    s.add_argument("--recipe", default="arena", help="the recipe every model trains with (default 'arena')")
+    s.add_argument("--img-size", type=int, help="input size (default: the dataset's, at least 28)")
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key for every run")
+    s.add_argument("--out", help="report directory (default arena/DATA-EPOCHSep-SEEDSseed)")
+    s.add_argument("--no-speed", action="store_true", help="skip the inference-throughput measurement")
+    s.add_argument("--quiet", action="store_true", help="print only the final leaderboard")
+    s.set_defaults(func=cmd_arena)
 
     s = sub.add_parser("recipes", help="list the training recipes, or print one to copy")
     s.add_argument("name", nargs="?")

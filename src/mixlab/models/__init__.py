@@ -1,5 +1,5 @@
 """Named architectures. Importing this package registers every model."""
-from . import container, convnext, mlp_mixer, poolformer, resnet, swin, vit  # noqa: F401
+from . import container, convnext, mlp_mixer, nano, poolformer, resnet, swin, vit  # noqa: F401
 from .base import FeatureExtractor, HierarchicalModel, MixlabModel, Stage
 from .blocks import MetaBlock
 

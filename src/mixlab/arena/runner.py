@@ -1,0 +1,393 @@
+"""``mixlab arena``: train a line-up of models under one recipe, data, budget and seeds, and
+report how they compare.
+
+Layout of an arena directory::
+
+    arena.json                    the arena's settings (a rerun must match them)
+    runs/<model>/seed<k>/         one training run each (config.yaml, checkpoints, metrics, summary.json)
+    speed.json                    inference throughput per model, measured once
+    leaderboard.md / .csv, *.png, index.html, results.json    the report
+
+Each (model, seed) run is a child process (``python -m mixlab train --resume <run dir>``):
+its peak memory is its own, it starts from a clean state (threads, seeds, compiled code), and
+a failure is confined to it. A run whose ``summary.json`` exists is finished and is skipped
+on a rerun; an interrupted one continues from its last checkpoint. Runs go one at a time, so
+their speeds are measured on an otherwise idle machine.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import __version__
+from ..config import RUN_CONFIG, Config, ConfigError, build_config
+from ..engine.metrics import write_atomic
+from ..engine.trainer import model_slug
+
+#: what ``mixlab arena`` trains when no model is named
+DEFAULT_MODELS = ("nano_resnet", "nano_convnext", "nano_vit", "nano_swin", "nano_mixer", "nano_poolformer",
+                  "nano_container", "nano_hybrid")
+#: the default budget on the bundled digits data: all eight nano models in under 5 minutes on 2 CPU cores
+DIGITS_EPOCHS = 5
+#: the square side images are resized to when a dataset's own is smaller than this (digits: 8 px)
+MIN_IMG_SIZE = 28
+
+ARENA_FILE = "arena.json"
+
+
+@dataclass
+class ArenaSettings:
+    """What an arena compares and under which budget."""
+
+    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
+    data: str = "digits"
+    data_root: str | None = None
+    epochs: int | None = None       # None: DIGITS_EPOCHS on digits, else the recipe's
+    seeds: int = 1                  # seeds 0 .. seeds-1
+    recipe: str = "arena"
+    img_size: int | None = None     # None: the dataset's own, at least MIN_IMG_SIZE
+    batch_size: int | None = None
+    device: str = "auto"
+    overrides: list[str] = field(default_factory=list)
+    out: str | None = None          # None: arena/<data>-<epochs>ep-<seeds>seed
+    measure_speed: bool = True
+
+
+def expand_models(names) -> list[str]:
+    """Model arguments to model names: ``nano`` stands for the default line-up; duplicates go."""
+    out: list[str] = []
+    for n in names or ["nano"]:
+        for m in (DEFAULT_MODELS if n == "nano" else [n]):
+            if m not in out:
+                out.append(m)
+    return out
+
+
+def model_label(name: str) -> str:
+    """A short display name: registered names and spec files as they are, spec strings shortened."""
+    if name.endswith((".yaml", ".yml")):
+        return Path(name).stem
+    text = name[5:].strip() if name.startswith("spec:") else name
+    return text if len(text) <= 40 else text[:38] + "…"
+
+
+def base_config(s: ArenaSettings) -> Config:
+    """The training configuration every run shares (the model name is the first model's)."""
+    flags: dict = {"model": {"name": s.models[0]}, "data": {"name": s.data}, "train": {"device": s.device}}
+    if s.data_root:
+        flags["data"]["root"] = s.data_root
+    if s.img_size:
+        flags["data"]["img_size"] = s.img_size
+    if s.batch_size:
+        flags["train"]["batch_size"] = s.batch_size
+    if s.epochs:
+        flags["train"]["epochs"] = s.epochs
+    elif s.data == "digits":
+        flags["train"]["epochs"] = DIGITS_EPOCHS
+    cfg = build_config(flags, recipe=s.recipe, overrides=s.overrides)
+    if cfg.data.img_size is None:
+        native = _native_size(cfg)
+        if native is not None and native < MIN_IMG_SIZE:
+            cfg.data.img_size = MIN_IMG_SIZE
+    return cfg
+
+
+def _native_size(cfg: Config) -> int | None:
+    from ..data import build_datasets
+    _, _, info = build_datasets(cfg.data.name, root=cfg.data.root, download=cfg.data.download,
+                                limit_train=1, limit_val=1)
+    return info.native_size
+
+
+def run_config(base: Config, model: str, seed: int) -> Config:
+    from ..config import config_from_dict
+    d = base.to_dict()
+    d["model"]["name"] = model
+    d["train"]["seed"] = seed
+    d["name"] = None
+    return config_from_dict(d)
+
+
+def arena_dir(s: ArenaSettings, base: Config) -> Path:
+    if s.out:
+        return Path(s.out)
+    return Path("arena") / f"{model_slug(base.data.name)}-{base.train.epochs}ep-{s.seeds}seed"
+
+
+def _shared_settings(s: ArenaSettings, base: Config) -> dict:
+    """Everything that must not change between an arena's runs (the model list may grow)."""
+    d = base.to_dict()
+    d["model"] = {k: v for k, v in d["model"].items() if k != "name"}
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("seed", "device")}
+    d.pop("name", None)
+    d.pop("output_dir", None)
+    return {"seeds": s.seeds, "train_config": d}
+
+
+def environment(device: str) -> dict:
+    import torch
+    import torchvision
+    env = {"mixlab": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "torchvision": torchvision.__version__, "platform": platform.platform(), "cpu": _cpu_name(),
+           "cpu cores": str(os.cpu_count()), "torch threads": str(torch.get_num_threads())}
+    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    env["device"] = dev
+    if dev.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(dev))
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# -- one run ------------------------------------------------------------------------------------
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the child gets SIGKILL when the arena process dies, so a killed arena leaves no
+    orphan training on in the background (a rerun would otherwise race it)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def train_in_child(run_dir: Path, prefix: str, quiet: bool = False) -> int:
+    """Run (or continue) the training run in ``run_dir`` in a child process, appending its
+    output to ``run_dir/train.log`` and echoing it with ``prefix``. Returns the exit status."""
+    cmd = [sys.executable, "-m", "mixlab", "train", "--resume", str(run_dir)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    kw = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
+    with open(run_dir / "train.log", "a") as log:
+        log.write(f"$ {' '.join(cmd)}   # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kw)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if not quiet and (line.startswith(("epoch ", "done:", "resumed", "Error", "error"))
+                                  or "Error" in line):
+                    print(f"{prefix} {line.rstrip()}", flush=True)
+            return proc.wait()
+        except BaseException:  # Ctrl-C reaches the child too; let it stop, then pass the interrupt on
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=30)
+            if proc.poll() is None:
+                proc.kill()
+            raise
+
+
+def _tail(path: Path, n: int = 6) -> str:
+    try:
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+# -- measurements ----------------------------------------------------------------------------
+def measure_inference(model_name: str, img_size: int, in_chans: int, num_classes: int, device: str = "cpu",
+                      batch_size: int = 64, min_time: float = 1.0) -> float:
+    """Images per second of ``model(x)`` in eval mode without gradients: a warm-up, then
+    batches until ``min_time`` seconds have passed (at least 3); the median batch time counts."""
+    import torch
+
+    from ..registry import create_model
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model = create_model(model_name, img_size=img_size, in_chans=in_chans, num_classes=num_classes).to(dev).eval()
+    x = torch.randn(batch_size, in_chans, img_size, img_size, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    times: list[float] = []
+    with torch.inference_mode():
+        for _ in range(2):
+            model(x)
+        sync()
+        start = time.perf_counter()
+        while len(times) < 3 or time.perf_counter() - start < min_time:
+            t = time.perf_counter()
+            model(x)
+            sync()
+            times.append(time.perf_counter() - t)
+            if len(times) >= 200:
+                break
+    return batch_size / statistics.median(times)
+
+
+def _curve(run_dir: Path) -> list[list[float]]:
+    path = run_dir / "metrics.jsonl"
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if "top1" in row:
+                out.append([row["epoch"], row["top1"]])
+    return out
+
+
+def collect(model: str, seeds: list[int], runs: Path, speed: dict, failures: dict) -> dict:
+    """One leaderboard entry from the run directories of ``model``."""
+    slug = model_slug(model)
+    summaries, curves = {}, {}
+    for s in seeds:
+        rd = runs / slug / f"seed{s}"
+        if (rd / "summary.json").exists():
+            summaries[s] = json.loads((rd / "summary.json").read_text())
+        curves[str(s)] = _curve(rd)
+    done = [s for s in seeds if s in summaries]
+    top1 = [summaries[s]["top1"] for s in done]
+    first = summaries[done[0]] if done else {}
+
+    def mean(key):
+        vals = [summaries[s][key] for s in done if summaries[s].get(key) is not None]
+        return statistics.fmean(vals) if vals else None
+
+    status = "done" if len(done) == len(seeds) else f"{len(done)}/{len(seeds)} seeds"
+    if model in failures:
+        status = f"failed: {failures[model]}"
+    mem = [summaries[s]["peak_memory_mb"] for s in done if summaries[s].get("peak_memory_mb") is not None]
+    return {"model": model, "label": model_label(model), "params": first.get("params"), "gmacs": first.get("gmacs"),
+            "seeds": seeds, "finished_seeds": done, "top1": top1,
+            "top1_mean": statistics.fmean(top1) if top1 else None,
+            "top1_std": (statistics.stdev(top1) if len(top1) > 1 else 0.0) if top1 else None,
+            "best_top1_mean": mean("best_top1"), "train_images_per_s": mean("train_images_per_s"),
+            "infer_images_per_s": speed.get(model), "peak_memory_mb": max(mem) if mem else None,
+            "peak_memory_kind": first.get("peak_memory_kind"), "wall_s": mean("wall_s"),
+            "curves": curves, "status": status}
+
+
+# -- the arena -------------------------------------------------------------------------------
+def run_arena(s: ArenaSettings, quiet: bool = False) -> dict:
+    """Train every (model, seed) not yet finished, then write the report. Returns
+    ``{"out": dir, "report": paths, "results": entries, "failed": [models]}``."""
+    from .report import write_report
+
+    s.models = expand_models(s.models)
+    if s.seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {s.seeds}")
+    base = base_config(s)
+    for m in s.models:  # every name or spec is checked before anything trains
+        run_config(base, m, 0)
+    out = arena_dir(s, base)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
+    try:
+        return _run(s, base, out, quiet, write_report)
+    finally:
+        lock.close()
+
+
+def _lock(out: Path):
+    import fcntl
+    f = open(out / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ConfigError(f"another arena is running in {out}; wait for it, or use another --out") from None
+    return f
+
+
+def _run(s: ArenaSettings, base: Config, out: Path, quiet: bool, write_report) -> dict:
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    shared = _shared_settings(s, base)
+    arena_file = out / ARENA_FILE
+    if arena_file.exists():
+        saved = json.loads(arena_file.read_text())
+        if saved.get("shared") != shared:
+            diff = _first_difference(saved.get("shared", {}), shared)
+            raise ConfigError(f"{out} holds an arena with other settings ({diff}); rerun with the settings it was "
+                              f"started with to continue it, or choose another --out")
+        models = saved["models"] + [m for m in s.models if m not in saved["models"]]
+    else:
+        models = list(s.models)
+    write_atomic(arena_file, json.dumps({"models": models, "shared": shared}, indent=2) + "\n")
+
+    seeds = list(range(s.seeds))
+    runs = out / "runs"
+    speed_file = out / "speed.json"
+    speed_all = json.loads(speed_file.read_text()) if speed_file.exists() else {}
+    failures: dict[str, str] = {}
+    n_total, n_done = len(s.models) * len(seeds), 0
+    say(f"arena: {len(s.models)} models x {len(seeds)} seed(s) on {base.data.name}, {base.train.epochs} epochs, "
+        f"recipe {base.recipe}; report in {out}")
+    t0 = time.time()
+    interrupted = False
+    try:
+        for seed in seeds:  # seed-major: a partial arena already has every model once
+            for m in s.models:
+                n_done += 1
+                if m in failures:
+                    continue
+                rd = runs / model_slug(m) / f"seed{seed}"
+                tag = f"[{n_done}/{n_total} {model_label(m)} seed {seed}]"
+                if (rd / "summary.json").exists():
+                    say(f"{tag} finished earlier, skipped")
+                else:
+                    rd.mkdir(parents=True, exist_ok=True)
+                    if not (rd / RUN_CONFIG).exists():
+                        run_config(base, m, seed).save(rd / RUN_CONFIG)
+                    say(f"{tag} training")
+                    rc = train_in_child(rd, tag, quiet)
+                    if rc != 0:  # its other seeds would most likely fail the same way: not tried
+                        why = "diverged (loss NaN/inf)" if rc == 3 else f"exit status {rc}"
+                        failures[m] = f"seed {seed}: {why}; see {rd / 'train.log'}"
+                        say(f"{tag} FAILED ({why}); its log ends:\n{_tail(rd / 'train.log')}")
+                        continue
+                key = f"{m}|{base.data.img_size}|{base.train.device}"
+                if s.measure_speed and key not in speed_all:  # once per model, between runs: an idle machine
+                    speed_all[key] = _speed_of(m, runs, seeds, base)
+                    write_atomic(speed_file, json.dumps(speed_all, indent=2) + "\n")
+    except KeyboardInterrupt:
+        interrupted = True
+        say("\ninterrupted: writing the report of what has finished; rerun the same command to continue")
+    speed = {k.split("|")[0]: v for k, v in speed_all.items()
+             if k.endswith(f"|{base.data.img_size}|{base.train.device}") and v is not None}
+    results = [collect(m, seeds, runs, speed, failures) for m in s.models]
+    config = {"models": s.models, "data": base.data.name, "img_size": base.data.img_size, "epochs": base.train.epochs,
+              "seeds": seeds, "recipe": base.recipe, "train_config": shared["train_config"],
+              "command": " ".join(["mixlab", "arena", *sys.argv[2:]]) if sys.argv[1:2] == ["arena"] else None}
+    report = write_report(out, results, config, environment(base.train.device))
+    say(f"arena: {time.time() - t0:.0f} s; report: {Path(report['html']).resolve()}")
+    if interrupted:
+        raise KeyboardInterrupt
+    return {"out": str(out), "report": report, "results": results, "failed": sorted(failures)}
+
+
+def _speed_of(model: str, runs: Path, seeds: list[int], base: Config) -> float | None:
+    """Inference images/s at the input the runs saw (channels and classes from their summary)."""
+    for seed in seeds:
+        path = runs / model_slug(model) / f"seed{seed}" / "summary.json"
+        if path.exists():
+            sm = json.loads(path.read_text())
+            dev = sm.get("device", "cpu")
+            return measure_inference(model, sm["img_size"], sm["in_chans"], sm["num_classes"], device=dev,
+                                     batch_size=base.train.batch_size)
+    return None
+
+
+def _first_difference(a, b, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+    return f"{path}: {a!r} then, {b!r} now"

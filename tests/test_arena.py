@@ -1,0 +1,152 @@
+"""``mixlab arena``: one recipe for a line-up of models, a report, and resumption after a kill."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mixlab.arena import ArenaSettings, expand_models, measure_inference, run_arena
+from mixlab.arena.runner import DEFAULT_MODELS, model_label
+from mixlab.cli import main
+from mixlab.config import ConfigError
+
+# a user-written hybrid: two convolution stages, then two attention stages
+USER_SPEC = "spec:patch2 / convnext:1x16:kernel=3 / convnext:1x32:kernel=3 / attention:1x32:heads=2 / " \
+            "attention:1x32:heads=2,downsample=none"
+TINY = "spec:patch4 / convnext:1x16:kernel=3"
+SMALL_DATA = ["--set", "data.limit_train=512", "--set", "data.limit_val=128", "--batch-size", "32"]
+
+
+def _arena(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "mixlab", "arena", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _children_of(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and SIGKILL")
+def test_killed_arena_resumes_without_redoing_finished_runs(tmp_path):
+    out = tmp_path / "arena"
+    args = ["nano_convnext", USER_SPEC, "--epochs", "6", "--out", str(out), *SMALL_DATA]
+    first = out / "runs" / "nano_convnext" / "seed0"
+    proc = _arena(args)
+    # wait until the first model has finished and the second has checkpointed an epoch, then kill -9
+    deadline = time.time() + 240
+    second = None
+    while time.time() < deadline:
+        if (first / "summary.json").exists():
+            dirs = [d for d in (out / "runs").iterdir() if d.name != "nano_convnext"]
+            if dirs and (dirs[0] / "seed0" / "checkpoints" / "latest.json").exists():
+                second = dirs[0] / "seed0"
+                break
+        if proc.poll() is not None:
+            pytest.fail(f"the arena ended before it could be killed:\n{proc.stdout.read()}")
+        time.sleep(0.02)
+    assert second is not None, "the arena did not reach the second model in time"
+    child = _children_of(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (second / "summary.json").exists()
+    for pid in child:  # the training child dies with the arena (no orphan racing the rerun)
+        for _ in range(200):
+            if not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text():
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"training process {pid} outlived the killed arena")
+    finished = (first / "summary.json").read_text()
+    finished_mtime = (first / "summary.json").stat().st_mtime_ns
+
+    rerun = _arena(args)
+    log, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, log
+    assert "nano_convnext seed 0] finished earlier, skipped" in log
+    assert (first / "summary.json").read_text() == finished  # not redone
+    assert (first / "summary.json").stat().st_mtime_ns == finished_mtime
+    assert "resumed from ckpt-" in (second / "train.log").read_text()  # continued, not restarted
+    rows = [json.loads(x) for x in (second / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+    # the report covers both models, the user's spec beside the registered one
+    for f in ("leaderboard.md", "leaderboard.csv", "index.html", "results.json", "acc_vs_epoch.png",
+              "acc_vs_gmacs.png", "acc_vs_throughput.png", "report.png"):
+        assert (out / f).stat().st_size > 0, f
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["model"] for r in results] == ["nano_convnext", USER_SPEC]
+    for r in results:
+        assert r["status"] == "done" and r["finished_seeds"] == [0]
+        assert 0 <= r["top1_mean"] <= 100 and r["params"] > 0 and r["gmacs"] > 0
+        assert r["train_images_per_s"] > 0 and r["infer_images_per_s"] > 0 and r["peak_memory_mb"] > 0
+        assert len(r["curves"]["0"]) == 6
+    md = (out / "leaderboard.md").read_text()
+    assert "nano_convnext" in md and "attention:1x32" in md
+    # every number in the leaderboard is the run's own
+    s0 = json.loads((first / "summary.json").read_text())
+    conv = next(r for r in results if r["model"] == "nano_convnext")
+    assert conv["top1_mean"] == s0["top1"] and conv["params"] == s0["params"]
+
+
+def test_arena_refuses_to_mix_settings_in_one_directory(tmp_path):
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / "arena.json").write_text(json.dumps({"models": ["nano_vit"], "shared": {"seeds": 1, "train_config": {}}}))
+    with pytest.raises(ConfigError, match="holds an arena with other settings"):
+        run_arena(ArenaSettings(models=[TINY], epochs=1, out=str(out)), quiet=True)
+    assert not (out / "runs").exists()
+
+
+def test_bad_models_fail_before_anything_trains(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert main(["arena", "nano_vitt", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'nano_vitt'" in err and "nano_vit" in err
+    assert main(["arena", "spec:patch4 / transformer:1x16", "--out", str(out)]) == 2
+    assert "unknown mixer" in capsys.readouterr().err
+    assert main(["arena", "nano_vit", "--seeds", "0", "--out", str(out)]) == 2
+    assert "--seeds must be at least 1" in capsys.readouterr().err
+    assert not (out / "runs").exists()
+
+
+def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, capsys):
+    out = tmp_path / "c"
+    code = main(["arena", TINY, "spec:patch4 / dwconv:1x16:kernel=3", "--epochs", "1", "--out", str(out),
+                 "--set", "optimizer.lr=1e30", "--set", "optimizer.weight_decay=0", "--set", "data.limit_train=128",
+                 "--set", "data.limit_val=64", "--set", "schedule.warmup_epochs=0", "--quiet", "--no-speed"])
+    assert code == 1
+    assert "failed" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert len(results) == 2
+    for r in results:
+        assert r["status"].startswith("failed: seed 0: diverged") and r["top1_mean"] is None
+    assert "failed" in (out / "leaderboard.md").read_text()
+
+
+def test_model_arguments():
+    assert expand_models(None) == list(DEFAULT_MODELS)
+    assert expand_models(["nano_vit", "nano", "x.yaml"]) == ["nano_vit"] + [m for m in DEFAULT_MODELS
+                                                                            if m != "nano_vit"] + ["x.yaml"]
+    assert model_label("configs/hybrid.yaml") == "hybrid"
+    assert model_label("spec:patch2 / convnext:2x32") == "patch2 / convnext:2x32"
+    assert len(model_label("spec:" + "patch2 / convnext:2x32" * 5)) <= 40
+
+
+def test_inference_speed_is_measured():
+    ips = measure_inference(TINY, img_size=28, in_chans=1, num_classes=10, batch_size=8, min_time=0.05)
+    assert ips > 0 and ips != float("inf")
+
+
+def test_default_digits_arena_budget():
+    from mixlab.arena.runner import DIGITS_EPOCHS, base_config
+    cfg = base_config(ArenaSettings())
+    assert cfg.data.name == "digits" and cfg.train.epochs == DIGITS_EPOCHS and cfg.data.img_size == 28
+    assert cfg.recipe == "arena" and str(cfg.log.progress) == "false"

@@ -94,6 +94,8 @@ class PatchMerging(nn.Module):
 class ResNetStem(nn.Module):
     """ResNet's stem: 7x7/2 convolution, BatchNorm, ReLU, 3x3/2 max pool (NCHW in, NHWC out)."""
 
+    fuse_pairs = (("conv", "bn"),)  # see mixlab.layers.fuse
+
     def __init__(self, in_chans: int = 3, out_chs: int = 64):
         super().__init__()
         self.conv = nn.Conv2d(in_chans, out_chs, 7, stride=2, padding=3, bias=False)

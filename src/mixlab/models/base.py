@@ -126,6 +126,13 @@ class MixlabModel(nn.Module):
             out.append(j)
         return out
 
+    def fuse(self) -> "MixlabModel":
+        """Fold BatchNorms into the convolutions before them (exact; eval mode only) for
+        faster inference. Returns the model, which can no longer be trained as before."""
+        from ..layers.fuse import fuse_batchnorm
+        fuse_batchnorm(self)
+        return self
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names that should not be weight-decayed beyond norms and biases."""
         return set()

@@ -24,6 +24,7 @@ class BasicBlock(nn.Module):
     projection shortcut when the shape changes. Channels-last in and out."""
 
     expansion = 1
+    fuse_pairs = (("conv1", "bn1"), ("conv2", "bn2"))  # see mixlab.layers.fuse
 
     def __init__(self, in_chs: int, planes: int, stride: int = 1, drop_path: float = 0.0):
         super().__init__()
@@ -50,6 +51,7 @@ class Bottleneck(nn.Module):
     NCHW view in channels_last memory."""
 
     expansion = 4
+    fuse_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def __init__(self, in_chs: int, planes: int, stride: int = 1, drop_path: float = 0.0):
         super().__init__()

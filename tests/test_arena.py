@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mixlab.arena import ArenaSettings, expand_models, measure_inference, run_arena
+from mixlab.arena import ArenaSettings, expand_models, measure_speed, run_arena
 from mixlab.arena.runner import DEFAULT_MODELS, model_label
 from mixlab.cli import main
 from mixlab.config import ConfigError
@@ -140,9 +140,10 @@ def test_model_arguments():
     assert len(model_label("spec:" + "patch2 / convnext:2x32" * 5)) <= 40
 
 
-def test_inference_speed_is_measured():
-    ips = measure_inference(TINY, img_size=28, in_chans=1, num_classes=10, batch_size=8, min_time=0.05)
-    assert ips > 0 and ips != float("inf")
+def test_speed_is_measured_for_inference_and_training():
+    infer = measure_speed(TINY, img_size=28, in_chans=1, num_classes=10, batch_size=8, min_time=0.05)
+    train = measure_speed(TINY, img_size=28, in_chans=1, num_classes=10, batch_size=8, min_time=0.05, train=True)
+    assert 0 < train < infer < float("inf")  # a training step does a forward pass and more
 
 
 def test_default_digits_arena_budget():

@@ -38,8 +38,8 @@ __all__ = ["write_report"]
 DASH = "\u2014"
 NO_DATA = "no finished runs yet"
 CSV_COLUMNS = ["model", "label", "top1_mean", "top1_std", "best_top1_mean", "top1_per_seed", "finished_seeds",
-               "seeds", "params", "gmacs", "train_images_per_s", "infer_images_per_s", "peak_memory_mb", "wall_s",
-               "status"]
+               "seeds", "params", "gmacs", "train_images_per_s", "infer_images_per_s", "run_train_images_per_s",
+               "peak_memory_mb", "wall_s", "status"]
 TABLE_HEADER = ["rank", "model", "top-1 %", "params (M)", "GMACs", "train img/s", "infer img/s",
                 "peak mem (MiB)", "wall/run (s)", "seeds"]
 
@@ -96,8 +96,10 @@ def _summary(config: dict, results: list[dict]) -> str:
     seeds = config.get("seeds")
     seeds = ", ".join(str(s) for s in seeds) if isinstance(seeds, (list, tuple)) else str(seeds)
     kinds = sorted({str(r["peak_memory_kind"]) for r in results if r.get("peak_memory_kind")})
+    speed = (f" · img/s: batches of {config['batch_size']} of random data, timed apart from the runs"
+             if config.get("batch_size") else "")
     return (f"data: {data} · epochs: {config.get('epochs', '?')} · seeds: {seeds} · "
-            f"recipe: {config.get('recipe', '?')} · peak memory: {', '.join(kinds) or 'not measured'}")
+            f"recipe: {config.get('recipe', '?')} · peak memory: {', '.join(kinds) or 'not measured'}{speed}")
 
 
 def _md_cell(s: str) -> str:

@@ -5,14 +5,18 @@ Layout of an arena directory::
 
     arena.json                    the arena's settings (a rerun must match them)
     runs/<model>/seed<k>/         one training run each (config.yaml, checkpoints, metrics, summary.json)
-    speed.json                    inference throughput per model, measured once
+    speed.json                    inference and training throughput per model, measured once
     leaderboard.md / .csv, *.png, index.html, results.json    the report
 
 Each (model, seed) run is a child process (``python -m mixlab train --resume <run dir>``):
 its peak memory is its own, it starts from a clean state (threads, seeds, compiled code), and
 a failure is confined to it. A run whose ``summary.json`` exists is finished and is skipped
-on a rerun; an interrupted one continues from its last checkpoint. Runs go one at a time, so
-their speeds are measured on an otherwise idle machine.
+on a rerun; an interrupted one continues from its last checkpoint. Runs go one at a time.
+
+Speed is measured apart from the runs, once per model, between runs: images per second of
+inference and of a training step (forward, backward, AdamW) on random data at the arena's
+batch and image size, so that a long run slowed down for a while by other work on the
+machine does not distort the table. Delete ``speed.json`` and rerun to measure again.
 """
 from __future__ import annotations
 
@@ -202,27 +206,46 @@ def _tail(path: Path, n: int = 6) -> str:
 
 
 # -- measurements ----------------------------------------------------------------------------
-def measure_inference(model_name: str, img_size: int, in_chans: int, num_classes: int, device: str = "cpu",
-                      batch_size: int = 64, min_time: float = 1.0) -> float:
-    """Images per second of ``model(x)`` in eval mode without gradients: a warm-up, then
-    batches until ``min_time`` seconds have passed (at least 3); the median batch time counts."""
+def measure_speed(model_name: str, img_size: int, in_chans: int, num_classes: int, device: str = "cpu",
+                  batch_size: int = 64, min_time: float = 1.0, train: bool = False) -> float:
+    """Images per second of inference (eval mode, no gradients) or, with ``train``, of a
+    training step (forward, cross-entropy, backward, AdamW step) on random data: a warm-up,
+    then batches until ``min_time`` seconds have passed (at least 3); the median batch counts."""
     import torch
 
     from ..registry import create_model
     dev = torch.device(device)
     torch.manual_seed(0)
-    model = create_model(model_name, img_size=img_size, in_chans=in_chans, num_classes=num_classes).to(dev).eval()
+    model = create_model(model_name, img_size=img_size, in_chans=in_chans, num_classes=num_classes).to(dev)
     x = torch.randn(batch_size, in_chans, img_size, img_size, device=dev)
+    y = torch.randint(0, num_classes, (batch_size,), device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    times: list[float] = []
-    with torch.inference_mode():
-        for _ in range(2):
+    if train:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            out = model(x)
+            loss = torch.nn.functional.cross_entropy(out[0] if isinstance(out, tuple) else out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        context = contextlib.nullcontext()
+    else:
+        model.eval()
+
+        def step():
             model(x)
+        context = torch.inference_mode()
+    times: list[float] = []
+    with context:
+        for _ in range(2):
+            step()
         sync()
         start = time.perf_counter()
         while len(times) < 3 or time.perf_counter() - start < min_time:
             t = time.perf_counter()
-            model(x)
+            step()
             sync()
             times.append(time.perf_counter() - t)
             if len(times) >= 200:
@@ -269,8 +292,9 @@ def collect(model: str, seeds: list[int], runs: Path, speed: dict, failures: dic
             "seeds": seeds, "finished_seeds": done, "top1": top1,
             "top1_mean": statistics.fmean(top1) if top1 else None,
             "top1_std": (statistics.stdev(top1) if len(top1) > 1 else 0.0) if top1 else None,
-            "best_top1_mean": mean("best_top1"), "train_images_per_s": mean("train_images_per_s"),
-            "infer_images_per_s": speed.get(model), "peak_memory_mb": max(mem) if mem else None,
+            "best_top1_mean": mean("best_top1"), "train_images_per_s": (speed.get(model) or {}).get("train"),
+            "infer_images_per_s": (speed.get(model) or {}).get("infer"),
+            "run_train_images_per_s": mean("train_images_per_s"), "peak_memory_mb": max(mem) if mem else None,
             "peak_memory_kind": first.get("peak_memory_kind"), "wall_s": mean("wall_s"),
             "curves": curves, "status": status}
 
@@ -353,18 +377,17 @@ def _run(s: ArenaSettings, base: Config, out: Path, quiet: bool, write_report) -
                         failures[m] = f"seed {seed}: {why}; see {rd / 'train.log'}"
                         say(f"{tag} FAILED ({why}); its log ends:\n{_tail(rd / 'train.log')}")
                         continue
-                key = f"{m}|{base.data.img_size}|{base.train.device}"
+                key = _speed_key(m, base)
                 if s.measure_speed and key not in speed_all:  # once per model, between runs: an idle machine
                     speed_all[key] = _speed_of(m, runs, seeds, base)
                     write_atomic(speed_file, json.dumps(speed_all, indent=2) + "\n")
     except KeyboardInterrupt:
         interrupted = True
         say("\ninterrupted: writing the report of what has finished; rerun the same command to continue")
-    speed = {k.split("|")[0]: v for k, v in speed_all.items()
-             if k.endswith(f"|{base.data.img_size}|{base.train.device}") and v is not None}
+    speed = {m: speed_all[_speed_key(m, base)] for m in s.models if speed_all.get(_speed_key(m, base))}
     results = [collect(m, seeds, runs, speed, failures) for m in s.models]
     config = {"models": s.models, "data": base.data.name, "img_size": base.data.img_size, "epochs": base.train.epochs,
-              "seeds": seeds, "recipe": base.recipe, "train_config": shared["train_config"],
+              "batch_size": base.train.batch_size, "seeds": seeds, "recipe": base.recipe, "train_config": shared["train_config"],
               "command": " ".join(["mixlab", "arena", *sys.argv[2:]]) if sys.argv[1:2] == ["arena"] else None}
     report = write_report(out, results, config, environment(base.train.device))
     say(f"arena: {time.time() - t0:.0f} s; report: {Path(report['html']).resolve()}")
@@ -373,15 +396,20 @@ def _run(s: ArenaSettings, base: Config, out: Path, quiet: bool, write_report) -
     return {"out": str(out), "report": report, "results": results, "failed": sorted(failures)}
 
 
-def _speed_of(model: str, runs: Path, seeds: list[int], base: Config) -> float | None:
-    """Inference images/s at the input the runs saw (channels and classes from their summary)."""
+def _speed_key(model: str, base: Config) -> str:
+    return f"{model}|{base.data.img_size}|{base.train.batch_size}|{base.train.device}"
+
+
+def _speed_of(model: str, runs: Path, seeds: list[int], base: Config) -> dict | None:
+    """Inference and training images/s at the input the runs saw (channels and classes from
+    their summary), at the arena's batch size."""
     for seed in seeds:
         path = runs / model_slug(model) / f"seed{seed}" / "summary.json"
         if path.exists():
             sm = json.loads(path.read_text())
-            dev = sm.get("device", "cpu")
-            return measure_inference(model, sm["img_size"], sm["in_chans"], sm["num_classes"], device=dev,
-                                     batch_size=base.train.batch_size)
+            args = (model, sm["img_size"], sm["in_chans"], sm["num_classes"], sm.get("device", "cpu"),
+                    base.train.batch_size)
+            return {"infer": measure_speed(*args), "train": measure_speed(*args, train=True)}
     return None
 
 

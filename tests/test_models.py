@@ -333,9 +333,9 @@ def test_unknown_keyword_suggests_the_right_one():
     assert "num_clases" in str(exc.value)
 
 
-def test_pretrained_not_available():
-    with pytest.raises(NotImplementedError):
-        mixlab.create_model("resnet50", pretrained=True)
+def test_pretrained_without_default_weights():
+    with pytest.raises(ValueError, match="no default pretrained weights"):
+        mixlab.create_model("nano_resnet", pretrained=True)
 
 
 def test_list_models_patterns():

@@ -157,6 +157,58 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    import os
+    import warnings
+
+    import safetensors.torch
+    import torch
+
+    from .engine.metrics import write_atomic
+    from .registry import create_model
+
+    dst = Path(args.dst)
+    if dst.suffix.lower() != ".safetensors":
+        raise ValueError(f"{args.dst!r}: the converted weights are written as safetensors; name the output "
+                         f"*.safetensors")
+    if dst.is_dir():
+        raise ValueError(f"{args.dst!r} is a directory; name the output file")
+    if dst.exists() and not args.force:
+        raise ValueError(f"{args.dst!r} exists; pass --force to overwrite it")
+    kwargs = {}
+    if args.img_size is not None:
+        kwargs["img_size"] = args.img_size
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = create_model(args.model, pretrained=args.src, **kwargs)
+    for w in caught:
+        print(f"mixlab convert: warning: {w.message}", file=sys.stderr)
+
+    tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages or not t.is_contiguous():  # safetensors stores no shared or strided tensors
+            t = t.clone(memory_format=torch.contiguous_format)
+        else:
+            storages.add(ptr)
+        tensors[name] = t
+    cfg = model.pretrained_cfg
+    metadata = {"architecture": args.model, "source": args.src, "source_format": cfg.get("source_format", "mixlab"),
+                "input_size": json.dumps([model.in_chans, *model.img_size]), "mean": json.dumps(list(cfg["mean"])),
+                "std": json.dumps(list(cfg["std"])), "num_classes": str(model.num_classes),
+                "mixlab_version": __version__}
+    os.makedirs(dst.parent, exist_ok=True)
+    write_atomic(dst, safetensors.torch.save(tensors, metadata=metadata))
+    params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {dst}: {len(tensors)} tensors, {_fmt_int(params)} parameters ({params:,}), {args.model} from "
+          f"{metadata['source_format']} weights")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixlab", description="Vision backbones as context aggregation: build, "
                                 "measure and compare CNNs, ViTs, MLP-Mixers and their hybrids.")
@@ -235,6 +287,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-speed", action="store_true", help="skip the inference-throughput measurement")
     s.add_argument("--quiet", action="store_true", help="print only the final leaderboard")
     s.set_defaults(func=cmd_arena)
+
+    s = sub.add_parser("convert", help="convert a checkpoint (mixlab, timm, the authors') to a mixlab .safetensors",
+                       description="Read a checkpoint (a .safetensors / .pth / .pt / .bin / .ckpt file or a Hub id "
+                                   "'hf-hub:org/name'; PyTorch files are read with weights_only=True only), convert "
+                                   "it to the mixlab model's names, load it strictly and write it as safetensors "
+                                   "with its architecture, input size and normalisation as metadata. The result "
+                                   "loads with create_model(MODEL, pretrained=DST).")
+    s.add_argument("src", metavar="SRC", help="the checkpoint: a file or 'hf-hub:org/name[@revision]'")
+    s.add_argument("dst", metavar="DST", help="the output file (*.safetensors)")
+    s.add_argument("--model", required=True, help="the mixlab model the weights are for (see `mixlab list`)")
+    s.add_argument("--img-size", type=int, help="input size to build the model for (position embeddings are "
+                   "resampled; default: the one a mixlab checkpoint records, else the model's own)")
+    s.add_argument("--num-classes", type=int, help="classes of the head (default: the checkpoint's; another number "
+                   "gives a freshly initialised classifier)")
+    s.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("recipes", help="list the training recipes, or print one to copy")
     s.add_argument("name", nargs="?")

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import os
 from functools import partial
-from typing import Callable, Dict
+from typing import Callable, Dict, Mapping
 
 import torch.nn as nn
 
@@ -57,8 +58,8 @@ def resolve_name(name: str) -> str:
     raise UnknownModelError(f"unknown model {name!r}{hint} (see `mixlab list`)")
 
 
-def create_model(name: str, pretrained: bool = False, features_only: bool = False, out_indices=None,
-                 **kwargs) -> nn.Module:
+def create_model(name: str, pretrained: bool | str | os.PathLike | Mapping = False, features_only: bool = False,
+                 out_indices=None, **kwargs) -> nn.Module:
     """Build a registered model, or one from a specification (``"spec:patch4 / convnext:2x32 /
     attention:2x64"`` or a ``.yaml`` file; see :mod:`mixlab.models.spec`).
 
@@ -67,20 +68,32 @@ def create_model(name: str, pretrained: bool = False, features_only: bool = Fals
     ``help(mixlab.models.<family>)``. ``features_only=True`` returns a
     :class:`~mixlab.models.base.FeatureExtractor` giving the multi-scale NCHW feature maps
     of the stages in ``out_indices`` (default: all).
+
+    ``pretrained`` loads weights (strictly; see :func:`mixlab.weights.load_pretrained`):
+
+    * ``True``: the default ImageNet checkpoint of ``name`` (timm's, from the Hugging Face
+      Hub; :data:`mixlab.weights.DEFAULT_WEIGHTS` lists them);
+    * a path to a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` file, a state dict,
+      or a Hub id ``"hf-hub:org/name[@revision]"``; mixlab's, timm's and the authors' layouts
+      are converted.
+
+    Keyword arguments the checkpoint's architecture requires are added (passing another
+    value is an error); without ``num_classes`` the model gets the checkpoint's number of
+    classes, with another one a fresh classifier (and a warning). ``pretrained_cfg["source"]``
+    records where the weights came from.
     """
     from .models.spec import create_from_spec, is_spec
     if is_spec(name):
         fn = partial(create_from_spec, name)
     else:
         fn = _REGISTRY[resolve_name(name)]
-    if pretrained:
-        raise NotImplementedError(
-            f"no pretrained weights are bundled for {name!r} yet; build it with pretrained=False "
-            f"(weight loading from timm and the authors' checkpoints is planned)")
-    model = fn(**kwargs)
-    model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}), architecture=name)
+    if not pretrained and not isinstance(pretrained, Mapping):  # False, None, ""
+        model = fn(**kwargs)
+        model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}), architecture=name)
+    else:
+        from .weights.load import create_pretrained
+        model = create_pretrained(name, fn, pretrained, kwargs, features_only=features_only)
     if features_only:
         from .models.base import FeatureExtractor
         return FeatureExtractor(model, out_indices)
     return model
-

@@ -2,6 +2,9 @@
 generic block with the plainest possible mixer, ``avgpool(x) - x``."""
 from __future__ import annotations
 
+from functools import partial
+
+import torch.nn as nn
 
 from ..layers import ClassifierHead, ConvEmbed, GroupNorm1NHWC, OverlapPatchEmbed, stochastic_depth_rates
 from ..mixers import Pooling
@@ -13,11 +16,22 @@ from .blocks import MetaBlock
 class PoolFormer(HierarchicalModel):
     """PoolFormer: 7x7/4 overlapping stem, stages joined by 3x3/2 convolutions, blocks of
     GroupNorm(1) + pooling and GroupNorm(1) + MLP with LayerScale, final GroupNorm, mean
-    pooling, classifier."""
+    pooling, classifier.
+
+    ``head_norm``: where the final norm sits. 'group' (default, the authors' network):
+    GroupNorm(1) on the final feature map, then mean pooling. 'pooled' (timm's
+    ``poolformer_*``): mean pooling first, then a LayerNorm (eps 1e-6) on the pooled
+    vector, as ``head.norm``; the parameter count is the same. timm's checkpoints need
+    'pooled' to be reproduced exactly (``mixlab.weights.architecture_kwargs`` says so).
+    """
 
     def __init__(self, img_size=224, in_chans: int = 3, num_classes: int = 1000, depths=(2, 2, 6, 2),
                  dims=(64, 128, 320, 512), mlp_ratio: float = 4.0, pool_size: int = 3,
-                 layer_scale: float | None = 1e-5, drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+                 layer_scale: float | None = 1e-5, head_norm: str = "group", drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0):
+        if head_norm not in ("group", "pooled"):
+            raise ValueError(f"head_norm must be 'group' (the authors' GroupNorm on the final map) or 'pooled' "
+                             f"(timm's LayerNorm after pooling), got {head_norm!r}")
         dpr = stochastic_depth_rates(drop_path_rate, depths)
         stages, info = [], []
         for i, (dim, depth) in enumerate(zip(dims, depths)):
@@ -27,9 +41,12 @@ class PoolFormer(HierarchicalModel):
             stages.append(Stage(down, blocks))
             info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
         super().__init__(in_chans, num_classes, img_size, stem=OverlapPatchEmbed(in_chans, dims[0], 7, 4, 2),
-                         stages=stages, norm=GroupNorm1NHWC(dims[-1]),
-                         head=ClassifierHead(dims[-1], num_classes, pool="avg", drop_rate=drop_rate),
+                         stages=stages, norm=GroupNorm1NHWC(dims[-1]) if head_norm == "group" else nn.Identity(),
+                         head=ClassifierHead(dims[-1], num_classes, pool="avg", drop_rate=drop_rate,
+                                             norm_layer=partial(nn.LayerNorm, eps=1e-6) if head_norm == "pooled"
+                                             else None),
                          feature_info=info, stage_mixers=[f"pooling {pool_size}x{pool_size}"] * len(depths))
+        self.head_norm = head_norm
         self.apply(init_weights_vit)
 
 

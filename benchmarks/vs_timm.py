@@ -1,0 +1,248 @@
+"""mixlab against timm: inference and training-step throughput of the same architecture, in
+one process, on one machine, with interleaved runs, reported as the ratio mixlab / timm.
+
+    python benchmarks/vs_timm.py                          # the six reference architectures, CPU
+    python benchmarks/vs_timm.py --models resnet50 convnext_tiny --batch 16 --repeats 7
+    python benchmarks/vs_timm.py --device cuda --batch 64 --amp bf16
+    python benchmarks/vs_timm.py --all --json results.json
+
+For each architecture both libraries build the model at the same size with random weights.
+Each repeat times ``--iters`` batches of mixlab and of timm back to back, alternating which
+goes first, after a warm-up; the ratio of the two throughputs is taken per repeat, and the
+table gives its minimum, median and maximum over repeats (a ratio above 1 means mixlab is
+faster). Peak memory is measured per (library, architecture, mode) in a fresh child process:
+on the CPU the growth of the peak resident set size during one step, on CUDA
+``torch.cuda.max_memory_allocated``. Requires timm (``pip install timm``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+#: the architectures the performance goal names (docs/performance.md)
+REFERENCE = ["resnet50", "convnext_tiny", "swin_tiny_patch4_window7_224", "deit_small_patch16_224", "mixer_b16_224",
+             "poolformer_s12"]
+
+
+def shared_architectures() -> list[str]:
+    import timm
+
+    import mixlab
+    return [n for n in mixlab.list_models() if n in set(timm.list_models())]
+
+
+def build(lib: str, name: str, img_size: int, device: torch.device) -> nn.Module:
+    if lib == "mixlab":
+        import mixlab
+        model = mixlab.create_model(name, img_size=img_size)
+    else:
+        import timm
+        kw = {"img_size": img_size} if img_size != 224 and _timm_takes_img_size(name) else {}
+        model = timm.create_model(name, pretrained=False, **kw)
+    return model.to(device)
+
+
+def _timm_takes_img_size(name: str) -> bool:
+    return not name.startswith(("resnet", "convnext", "poolformer"))
+
+
+class Runner:
+    """One model in one mode, ready to time: ``step()`` runs one batch."""
+
+    def __init__(self, model: nn.Module, mode: str, batch: int, img_size: int, device: torch.device, amp: str):
+        self.model, self.mode, self.device = model, mode, device
+        self.x = torch.randn(batch, 3, img_size, img_size, device=device)
+        self.y = torch.randint(0, 1000, (batch,), device=device)
+        self.amp = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+                    if amp != "none" else None)
+        if mode == "train":
+            model.train()
+            self.opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        else:
+            model.eval()
+
+    def _forward(self):
+        if self.amp is None:
+            return self.model(self.x)
+        with self.amp:
+            return self.model(self.x)
+
+    def step(self) -> None:
+        if self.mode == "train":
+            out = self._forward()
+            out = out[0] if isinstance(out, tuple) else out
+            loss = nn.functional.cross_entropy(out.float(), self.y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+        else:
+            with torch.inference_mode():
+                self._forward()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def time(self, iters: int) -> float:
+        """Images per second over ``iters`` batches."""
+        self.sync()
+        t = time.perf_counter()
+        for _ in range(iters):
+            self.step()
+        self.sync()
+        return iters * self.x.shape[0] / (time.perf_counter() - t)
+
+
+def compare(name: str, mode: str, args, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    runners = {lib: Runner(build(lib, name, args.img_size, device), mode, args.batch, args.img_size, device, args.amp)
+               for lib in ("mixlab", "timm")}
+    for r in runners.values():  # warm-up: allocator, kernel selection, caches
+        for _ in range(args.warmup):
+            r.step()
+    speeds: dict[str, list[float]] = {"mixlab": [], "timm": []}
+    ratios = []
+    for rep in range(args.repeats):
+        order = ("mixlab", "timm") if rep % 2 == 0 else ("timm", "mixlab")
+        got = {lib: runners[lib].time(args.iters) for lib in order}
+        for lib, v in got.items():
+            speeds[lib].append(v)
+        ratios.append(got["mixlab"] / got["timm"])
+    row = {"model": name, "mode": mode, "batch": args.batch, "img_size": args.img_size,
+           "mixlab_img_s": statistics.median(speeds["mixlab"]), "timm_img_s": statistics.median(speeds["timm"]),
+           "ratio_min": min(ratios), "ratio_median": statistics.median(ratios), "ratio_max": max(ratios),
+           "ratios": ratios}
+    del runners
+    if args.memory:
+        for lib in ("mixlab", "timm"):
+            row[f"{lib}_peak_mb"] = memory_probe(lib, name, mode, args)
+    return row
+
+
+def memory_probe(lib: str, name: str, mode: str, args) -> float | None:
+    """Peak memory of one step in a fresh process (MiB), or None if the probe failed."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--probe", lib, name, mode, "--batch", str(args.batch),
+           "--img-size", str(args.img_size), "--device", args.device, "--amp", args.amp]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        return float(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        print(f"  memory probe failed for {lib} {name} {mode}: {out.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+
+
+def _status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def run_probe(lib: str, name: str, mode: str, args) -> float:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    runner = Runner(build(lib, name, args.img_size, device), mode, args.batch, args.img_size, device, args.amp)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        runner.step()
+        runner.sync()
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak RSS (VmHWM) to the current RSS
+        f.write("5")
+    base = _status_kib("VmRSS")
+    runner.step()
+    return (_status_kib("VmHWM") - base) / 1024
+
+
+def fmt_table(rows: list[dict], memory: bool) -> str:
+    head = ["model", "mode", "mixlab img/s", "timm img/s", "ratio min", "ratio median", "ratio max"]
+    if memory:
+        head += ["mixlab peak MiB", "timm peak MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    for r in rows:
+        cells = [r["model"], r["mode"], f"{r['mixlab_img_s']:.1f}", f"{r['timm_img_s']:.1f}", f"{r['ratio_min']:.2f}",
+                 f"**{r['ratio_median']:.2f}**", f"{r['ratio_max']:.2f}"]
+        if memory:
+            cells += [f"{r.get('mixlab_peak_mb') or float('nan'):.0f}", f"{r.get('timm_peak_mb') or float('nan'):.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def environment(device: torch.device) -> str:
+    import timm
+
+    import mixlab
+    cpu = platform.processor() or "cpu"
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} threads"
+    return (f"mixlab {mixlab.__version__}, timm {timm.__version__}, torch {torch.__version__}, "
+            f"python {platform.python_version()}; {dev}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", nargs="+", help=f"architectures (default: {' '.join(REFERENCE)})")
+    p.add_argument("--all", action="store_true", help="every architecture both libraries have")
+    p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per library (the ratio's sample)")
+    p.add_argument("--iters", type=int, default=3, help="batches per timed round")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's choice)")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory probes")
+    p.add_argument("--json", help="also write the rows as JSON to this file")
+    p.add_argument("--probe", nargs=3, metavar=("LIB", "MODEL", "MODE"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.probe:
+        print(run_probe(*args.probe, args))
+        return 0
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        p.error("timm is not installed: pip install timm (it is in mixlab's dev extra)")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but CUDA is not available here")
+    shared = shared_architectures()
+    names = shared if args.all else (args.models or REFERENCE)
+    unknown = [n for n in names if n not in shared]
+    if unknown:
+        p.error(f"not an architecture both libraries have: {', '.join(unknown)}; shared: {', '.join(shared)}")
+    print(f"# mixlab / timm, batch {args.batch}, {args.img_size}x{args.img_size}, {args.device}, amp {args.amp}, "
+          f"{args.repeats} repeats x {args.iters} batches\n# {environment(device)}", flush=True)
+    rows = []
+    for name in names:
+        for mode in args.modes:
+            row = compare(name, mode, args, device)
+            rows.append(row)
+            print(f"{name:32s} {mode:5s} mixlab {row['mixlab_img_s']:8.1f} img/s  timm {row['timm_img_s']:8.1f} "
+                  f"img/s  ratio {row['ratio_median']:.2f} [{row['ratio_min']:.2f}, {row['ratio_max']:.2f}]",
+                  flush=True)
+    print()
+    print(fmt_table(rows, args.memory))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(device), "args": vars(args), "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

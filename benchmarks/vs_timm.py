@@ -17,6 +17,7 @@ on the CPU the growth of the peak resident set size during one step, on CUDA
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -214,9 +215,7 @@ def main(argv=None) -> int:
     if args.probe:
         print(run_probe(*args.probe, args))
         return 0
-    try:
-        import timm  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("timm") is None:
         p.error("timm is not installed: pip install timm (it is in mixlab's dev extra)")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -134,9 +134,14 @@ class WindowAttention(Mixer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         q, k, v, bias, win, shift, (Hp, Wp), _ = self._attention_inputs(x)
+        nW, heads, n, d = q.shape[1:]
+        # 4-D (batch x windows, heads, tokens, dim): the layout PyTorch's fused attention kernels take
+        q, k, v = (t.reshape(B * nW, heads, n, d) for t in (q, k, v))
+        if bias.shape[0] > 1:  # one mask per window: the same for every image of the batch
+            bias = bias.unsqueeze(0).expand(B, -1, -1, -1, -1).reshape(B * nW, heads, n, n)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                            dropout_p=self.attn_drop if self.training else 0.0)
-        o = o.transpose(2, 3).reshape(B, Hp // win[0], Wp // win[1], win[0], win[1], C)
+        o = o.view(B, nW, heads, n, d).transpose(2, 3).reshape(B, Hp // win[0], Wp // win[1], win[0], win[1], C)
         o = o.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
         if any(shift):
             o = torch.roll(o, shifts=shift, dims=(1, 2))

@@ -151,3 +151,16 @@ def test_default_digits_arena_budget():
     cfg = base_config(ArenaSettings())
     assert cfg.data.name == "digits" and cfg.train.epochs == DIGITS_EPOCHS and cfg.data.img_size == 28
     assert cfg.recipe == "arena" and str(cfg.log.progress) == "false"
+
+
+def test_report_only_trains_nothing(tmp_path, capsys):
+    out = tmp_path / "d"
+    small = ["--epochs", "1", "--out", str(out), "--set", "data.limit_train=128", "--set", "data.limit_val=64",
+             "--quiet", "--no-speed"]
+    assert main(["arena", TINY, *small]) == 0
+    summary = (out / "runs" / "spec-patch4-convnext-1x16-kernel-3" / "seed0" / "summary.json").read_text()
+    assert main(["arena", TINY, "spec:patch4 / dwconv:1x16:kernel=3", "--report-only", *small]) == 0
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["spec-patch4-convnext-1x16-kernel-3"]
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["status"] for r in results] == ["done", "0/1 seeds"]
+    assert (out / "runs" / "spec-patch4-convnext-1x16-kernel-3" / "seed0" / "summary.json").read_text() == summary

@@ -64,6 +64,7 @@ class ArenaSettings:
     overrides: list[str] = field(default_factory=list)
     out: str | None = None          # None: arena/<data>-<epochs>ep-<seeds>seed
     measure_speed: bool = True
+    train: bool = True              # False: train nothing, report what has finished
 
 
 def expand_models(names) -> list[str]:
@@ -366,6 +367,8 @@ def _run(s: ArenaSettings, base: Config, out: Path, quiet: bool, write_report) -
                 tag = f"[{n_done}/{n_total} {model_label(m)} seed {seed}]"
                 if (rd / "summary.json").exists():
                     say(f"{tag} finished earlier, skipped")
+                elif not s.train:
+                    continue
                 else:
                     rd.mkdir(parents=True, exist_ok=True)
                     if not (rd / RUN_CONFIG).exists():

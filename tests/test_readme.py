@@ -75,3 +75,16 @@ def test_readme_arena_table_is_a_measured_report():
     results = json.loads((ROOT / "docs" / "arena-digits" / "results.json").read_text())
     assert results["config"]["data"] == "digits" and results["environment"]["cpu cores"] == "2"
     assert "](docs/arena-digits/report.png)" in README and (ROOT / "docs" / "arena-digits" / "report.png").exists()
+
+
+def test_readme_fashion_mnist_rows_are_the_committed_runs():
+    """The Fashion-MNIST rows in the README are the summaries of the committed runs."""
+    table = README.split("<!-- arena-fmnist:start -->")[1].split("<!-- arena-fmnist:end -->")[0]
+    rows = [ln for ln in table.splitlines() if ln.startswith("| nano_")]
+    results = ROOT / "benchmarks" / "results" / "arena-fashion-mnist-10ep-3seed"
+    assert rows
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        summary = json.loads((results / "runs" / cells[0] / "seed0" / "summary.json").read_text())
+        assert float(cells[1]) == round(summary["top1"], 2) and summary["data"] == "fashion-mnist"
+        assert summary["epochs"] == 10 and float(cells[2]) == round(summary["params"] / 1e6, 2)

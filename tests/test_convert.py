@@ -396,7 +396,8 @@ def test_keys_without_counterpart_keep_their_names_and_buffers_are_dropped():
     assert not any(k.endswith(("relative_position_index", "attn_mask")) for k in out)
     # timm's PoolFormer head norm goes to the final norm of the authors' variant
     sd = timm_state_dict("poolformer_s12")
-    out = convert_state_dict(sd, meta_model("poolformer_s12"))
+    with pytest.warns(UserWarning, match="normalises after pooling"):
+        out = convert_state_dict(sd, meta_model("poolformer_s12"))
     assert torch.equal(out["norm.weight"], sd["head.norm.weight"]) and "head.norm.weight" not in out
 
 
@@ -439,3 +440,13 @@ def test_every_registered_models_own_state_dict_is_mixlab_format(name):
     with torch.device("meta"):
         model = mixlab.create_model(name)
     assert detect_format(model.state_dict()) == "mixlab"
+
+
+def test_timm_poolformer_weights_into_the_authors_head_warn():
+    sd = timm_state_dict("poolformer_s12")
+    with pytest.warns(UserWarning, match="head_norm='pooled'"):
+        convert_state_dict(sd, meta_model("poolformer_s12"))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the matching head: no warning
+        convert_state_dict(sd, meta_model("poolformer_s12", head_norm="pooled"))

@@ -107,7 +107,8 @@ def test_poolformer_needs_timms_head_variant():
     converted weights load (same names and shapes) but give other logits."""
     theirs = timm_model("poolformer_s12")
     assert architecture_kwargs("poolformer_s12", theirs.state_dict()) == {"head_norm": "pooled"}
-    authors_variant = mixlab_from("poolformer_s12", theirs, head_norm="group")
+    with pytest.warns(UserWarning, match="head_norm='pooled'"):  # ... and the loader says so
+        authors_variant = mixlab_from("poolformer_s12", theirs, head_norm="group")
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a, b = authors_variant(x), theirs(x)

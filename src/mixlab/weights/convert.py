@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Iterable
 
 import torch
@@ -366,6 +367,11 @@ def convert_state_dict(state_dict: dict, model: nn.Module) -> dict:
                              f"build the matching mixlab model (mixlab list --family {family})")
     rules = [(re.compile(p), r) for p, r in _rules_for(fmt, family, list(sd))]
     target = model.state_dict()
+    if (fmt, family) == ("timm", "poolformer") and "head.norm.weight" in sd and "head.norm.weight" not in target:
+        warnings.warn("this is timm's PoolFormer checkpoint, which normalises after pooling; the model normalises "
+                      "the feature map before pooling (head_norm='group', the authors' network), so its outputs "
+                      "will differ from timm's: build it with head_norm='pooled' to reproduce them "
+                      "(create_model(..., pretrained=...) does so itself)", stacklevel=2)
     out: dict = {}
     for key, value in sd.items():
         if key.rsplit(".", 1)[-1] in _DROPPED_BUFFERS:

@@ -162,7 +162,7 @@ def test_empty_plots_still_written(tmp_path):
 
 
 def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
-    import mixlab.engine.metrics as metrics_mod  # the atomic writer the report uses
+    import mixlab.engine.checkpoint as atomic_mod  # where the atomic writer the report uses lives
 
     write_report(tmp_path, _results(), CONFIG, ENV)
     before = (tmp_path / "leaderboard.md").read_text()
@@ -170,7 +170,7 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     def crash(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(metrics_mod.os, "replace", crash)
+    monkeypatch.setattr(atomic_mod.os, "replace", crash)
     results = _results()
     results[1]["label"] = "renamed"
     with pytest.raises(OSError, match="disk full"):

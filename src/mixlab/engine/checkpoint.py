@@ -58,10 +58,12 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` for a temporary file next to ``path``, fsync it, rename it to ``path``.
+def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` for a temporary file next to ``path``, fsync it, rename it to ``path``
+    (mode 0644; ``tempfile`` would leave it 0600).
 
-    On any error the temporary file is removed and ``path`` is left as it was.
+    On any error the temporary file is removed and ``path`` is left as it was. Every file
+    mixlab writes that a crash must not leave half-written goes through here.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,6 +74,7 @@ def _atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -80,7 +83,7 @@ def _atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
 
 
 def _write_json(path: PathLike, obj: Any) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 # -- weights -----------------------------------------------------------------------------------------
@@ -116,7 +119,7 @@ def save_weights(state_dict: Mapping[str, torch.Tensor], path: PathLike, metadat
             raise TypeError(f"save_weights: metadata must map strings to strings; {k!r} maps to a "
                             f"{type(v).__name__} ({v!r}); convert it with str() or json.dumps()")
         meta = dict(metadata)
-    _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=meta))
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_weights(path: PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -180,7 +183,7 @@ def save_state(state: Mapping[str, Any], path: PathLike) -> None:
         with open(tmp, "wb") as f:
             torch.save(state, f)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def load_state(path: PathLike, map_location: str | torch.device | None = "cpu") -> dict:
@@ -428,7 +431,7 @@ class CheckpointManager:
             except OSError:
                 shutil.copyfile(weights_path, tmp)
 
-        _atomic_write(self.directory / "best.safetensors", link_or_copy)
+        atomic_write(self.directory / "best.safetensors", link_or_copy)
         self._best = {"metric": metric, "epoch": epoch, "step": step, "checkpoint": name, "mode": self.mode}
         _write_json(self.directory / "best.json", self._best)
 

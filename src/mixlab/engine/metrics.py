@@ -1,11 +1,9 @@
 """Accuracy, the training loss functions, and the run's metric files."""
 from __future__ import annotations
 
-import contextlib
 import csv
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,21 +30,11 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
 
 
 def write_atomic(path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and
-    :func:`os.replace`: a crash leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` (text as UTF-8) to ``path`` atomically: a crash leaves the old file or
+    the new one, never half of one (see :func:`~mixlab.engine.checkpoint.atomic_write`)."""
+    from .checkpoint import atomic_write
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    atomic_write(path, lambda tmp: tmp.write_bytes(payload))
 
 
 class MetricsLog:
@@ -82,9 +70,8 @@ class MetricsLog:
         keys: list[str] = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]
-        tmp = self.csv.with_name(f".{self.csv.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(self.rows)
-        os.replace(tmp, self.csv)
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(self.rows)
+        write_atomic(self.csv, buf.getvalue())

@@ -29,40 +29,31 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from typing import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers.pos import resample_abs_pos_embed
+from .load import unwrap_checkpoint
 
 __all__ = ["architecture_kwargs", "convert_state_dict", "detect_format"]
 
 #: buffers that checkpoints from other code carry and mixlab recomputes from the shapes
 _DROPPED_BUFFERS = ("relative_position_index", "attn_mask")
 
-#: wrapper keys under which training scripts store the weights themselves
-_WRAPPERS = ("state_dict", "model", "model_ema")
-
 
 # ---------------------------------------------------------------------------------------
 # detection
 # ---------------------------------------------------------------------------------------
 def _unwrap(state_dict) -> dict:
-    """The tensors of a checkpoint: unwraps ``{'model': ...}`` / ``{'state_dict': ...}``
-    and strips a DistributedDataParallel ``module.`` prefix."""
-    if not isinstance(state_dict, dict):
+    """The tensors of a checkpoint, unwrapped as the loader unwraps them
+    (:func:`~mixlab.weights.load.unwrap_checkpoint`: ``{'model': ...}``, ``{'state_dict': ...}``,
+    ``module.`` prefixes); an empty dict stays empty, for :func:`_layout` to say so."""
+    if not isinstance(state_dict, Mapping):
         raise ValueError(f"expected a state dict (a dict of tensors), got {type(state_dict).__name__}")
-    sd = state_dict
-    while not any(isinstance(v, torch.Tensor) for v in sd.values()):
-        inner = next((sd[k] for k in _WRAPPERS if isinstance(sd.get(k), dict)), None)
-        if inner is None:
-            break
-        sd = inner
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    return unwrap_checkpoint(state_dict)[0] if state_dict else {}
 
 
 def _any(keys: Iterable[str], *patterns: str) -> bool:

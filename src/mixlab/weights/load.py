@@ -24,7 +24,7 @@ from typing import Any, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["DEFAULT_WEIGHTS", "LoadResult", "read_checkpoint", "load_pretrained", "default_weights",
+__all__ = ["DEFAULT_WEIGHTS", "LoadResult", "read_checkpoint", "load_pretrained", "default_weights", "unwrap_checkpoint",
            "PTH_EXTENSIONS", "SAFETENSORS_EXTENSIONS"]
 
 Source = Union[str, os.PathLike, Mapping]
@@ -128,7 +128,7 @@ def read_checkpoint(source: Source) -> tuple[dict[str, torch.Tensor], dict[str, 
     values that are not tensors (an epoch counter) are dropped.
     """
     if isinstance(source, Mapping):
-        return _unwrap(source, "the state dict", {})
+        return unwrap_checkpoint(source, "the state dict", {})
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"a checkpoint source is a path, a 'hf-hub:org/name' id or a state dict, "
                         f"not a {type(source).__name__}")
@@ -164,7 +164,7 @@ def _read_safetensors(path: Path, where: str) -> tuple[dict[str, torch.Tensor], 
         state_dict = safetensors.torch.load_file(str(path), device="cpu")
     except (safetensors.SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{where!r} is not a readable safetensors file ({e})") from e
-    return _unwrap(state_dict, repr(where), metadata)
+    return unwrap_checkpoint(state_dict, repr(where), metadata)
 
 
 def _trusted_conversion_hint(path: Path, from_hub: bool) -> str:
@@ -199,16 +199,18 @@ def _read_torch(path: Path, where: str) -> tuple[dict[str, torch.Tensor], dict[s
         raise ValueError(f"{where!r} is not a readable PyTorch checkpoint ({reason})") from e
     if isinstance(obj, torch.Tensor) or not isinstance(obj, Mapping):
         raise ValueError(f"{where!r} holds a {type(obj).__name__}, not a state dict (a dict of names to tensors)")
-    return _unwrap(obj, repr(where), {})
+    return unwrap_checkpoint(obj, repr(where), {})
 
 
 def _has_tensors(value: Any) -> bool:
     return isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values())
 
 
-def _unwrap(obj: Mapping, where: str, metadata: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict inside a (possibly nested) training checkpoint, with wrapper prefixes stripped."""
-    metadata = dict(metadata)
+def unwrap_checkpoint(obj: Mapping, where: str = "the state dict", metadata: Mapping[str, str] | None = None
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict inside a (possibly nested) training checkpoint, with wrapper prefixes
+    stripped and non-tensor values dropped; ``metadata`` says what was done."""
+    metadata = dict(metadata or {})
     path: list[str] = []
     for _ in range(4):  # a container entry holding a dict of tensors (or another container) wins over the top level
         inner = next((k for k in CONTAINER_KEYS if isinstance(obj.get(k), Mapping) and (

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import RUN_CONFIG, Config, ConfigError, build_config
-from ..engine.metrics import write_atomic
+from ..engine.metrics import MetricsLog, write_atomic
 from ..engine.trainer import model_slug
 
 #: what ``mixlab arena`` trains when no model is named
@@ -186,8 +186,7 @@ def train_in_child(run_dir: Path, prefix: str, quiet: bool = False) -> int:
             for line in proc.stdout:
                 log.write(line)
                 log.flush()
-                if not quiet and (line.startswith(("epoch ", "done:", "resumed", "Error", "error"))
-                                  or "Error" in line):
+                if not quiet and (line.startswith(("epoch ", "done:", "resumed", "error")) or "Error" in line):
                     print(f"{prefix} {line.rstrip()}", flush=True)
             return proc.wait()
         except BaseException:  # Ctrl-C reaches the child too; let it stop, then pass the interrupt on
@@ -255,17 +254,8 @@ def measure_speed(model_name: str, img_size: int, in_chans: int, num_classes: in
 
 
 def _curve(run_dir: Path) -> list[list[float]]:
-    path = run_dir / "metrics.jsonl"
-    out = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if "top1" in row:
-                out.append([row["epoch"], row["top1"]])
-    return out
+    """[epoch, val top-1] of every evaluated epoch of a run so far."""
+    return [[r["epoch"], r["top1"]] for r in MetricsLog(run_dir).rows if "top1" in r]
 
 
 def collect(model: str, seeds: list[int], runs: Path, speed: dict, failures: dict) -> dict:
@@ -390,7 +380,8 @@ def _run(s: ArenaSettings, base: Config, out: Path, quiet: bool, write_report) -
     speed = {m: speed_all[_speed_key(m, base)] for m in s.models if speed_all.get(_speed_key(m, base))}
     results = [collect(m, seeds, runs, speed, failures) for m in s.models]
     config = {"models": s.models, "data": base.data.name, "img_size": base.data.img_size, "epochs": base.train.epochs,
-              "batch_size": base.train.batch_size, "seeds": seeds, "recipe": base.recipe, "train_config": shared["train_config"],
+              "batch_size": base.train.batch_size, "seeds": seeds, "recipe": base.recipe,
+              "train_config": shared["train_config"],
               "command": " ".join(["mixlab", "arena", *sys.argv[2:]]) if sys.argv[1:2] == ["arena"] else None}
     report = write_report(out, results, config, environment(base.train.device))
     say(f"arena: {time.time() - t0:.0f} s; report: {Path(report['html']).resolve()}")

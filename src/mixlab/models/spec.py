@@ -52,8 +52,8 @@ from pathlib import Path
 import torch.nn as nn
 import yaml
 
-from ..layers import (AbsolutePosEmbed, BatchNormNHWC, ClassifierHead, ConditionalPosEnc, ConvEmbed, ConvStem, GroupNorm1NHWC, Mlp,
-                      PatchEmbed, PatchMerging, stochastic_depth_rates, to_2tuple)
+from ..layers import (AbsolutePosEmbed, BatchNormNHWC, ClassifierHead, ConditionalPosEnc, ConvEmbed, ConvStem,
+                      GroupNorm1NHWC, Mlp, PatchEmbed, PatchMerging, stochastic_depth_rates, to_2tuple)
 from ..mixers import Attention, ContainerMixer, DepthwiseConv, Pooling, TokenMixingMLP, WindowAttention
 from .base import HierarchicalModel, Stage, init_weights_vit
 from .blocks import MetaBlock

@@ -24,8 +24,8 @@ from typing import Any, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["DEFAULT_WEIGHTS", "LoadResult", "read_checkpoint", "load_pretrained", "default_weights", "unwrap_checkpoint",
-           "PTH_EXTENSIONS", "SAFETENSORS_EXTENSIONS"]
+__all__ = ["DEFAULT_WEIGHTS", "LoadResult", "read_checkpoint", "load_pretrained", "default_weights",
+           "unwrap_checkpoint", "PTH_EXTENSIONS", "SAFETENSORS_EXTENSIONS"]
 
 Source = Union[str, os.PathLike, Mapping]
 

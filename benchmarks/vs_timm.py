@@ -20,7 +20,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -182,15 +181,10 @@ def fmt_table(rows: list[dict], memory: bool) -> str:
 def environment(device: torch.device) -> str:
     import timm
 
-    import mixlab
-    cpu = platform.processor() or "cpu"
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} threads"
-    return (f"mixlab {mixlab.__version__}, timm {timm.__version__}, torch {torch.__version__}, "
-            f"python {platform.python_version()}; {dev}")
+    from mixlab.arena.runner import environment as mixlab_environment
+    env = mixlab_environment(str(device))
+    dev = env.get("gpu") or f"{env['cpu']}, {env['torch threads']} threads"
+    return f"mixlab {env['mixlab']}, timm {timm.__version__}, torch {env['torch']}, python {env['python']}; {dev}"
 
 
 def main(argv=None) -> int:

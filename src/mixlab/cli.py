@@ -158,12 +158,12 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    import os
     import warnings
 
     import safetensors.torch
     import torch
 
+    from .analysis import count_params
     from .engine.metrics import write_atomic
     from .registry import create_model
 
@@ -201,9 +201,8 @@ def cmd_convert(args) -> int:
                 "input_size": json.dumps([model.in_chans, *model.img_size]), "mean": json.dumps(list(cfg["mean"])),
                 "std": json.dumps(list(cfg["std"])), "num_classes": str(model.num_classes),
                 "mixlab_version": __version__}
-    os.makedirs(dst.parent, exist_ok=True)
-    write_atomic(dst, safetensors.torch.save(tensors, metadata=metadata))
-    params = sum(p.numel() for p in model.parameters())
+    write_atomic(dst, safetensors.torch.save(tensors, metadata=metadata))  # creates dst's directory
+    params = count_params(model)
     print(f"wrote {dst}: {len(tensors)} tensors, {_fmt_int(params)} parameters ({params:,}), {args.model} from "
           f"{metadata['source_format']} weights")
     return 0

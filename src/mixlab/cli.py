@@ -160,11 +160,8 @@ def cmd_recipes(args) -> int:
 def cmd_convert(args) -> int:
     import warnings
 
-    import safetensors.torch
-    import torch
-
     from .analysis import count_params
-    from .engine.metrics import write_atomic
+    from .engine.checkpoint import save_weights
     from .registry import create_model
 
     dst = Path(args.dst)
@@ -186,24 +183,15 @@ def cmd_convert(args) -> int:
     for w in caught:
         print(f"mixlab convert: warning: {w.message}", file=sys.stderr)
 
-    tensors: dict[str, torch.Tensor] = {}
-    storages: set[int] = set()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in storages or not t.is_contiguous():  # safetensors stores no shared or strided tensors
-            t = t.clone(memory_format=torch.contiguous_format)
-        else:
-            storages.add(ptr)
-        tensors[name] = t
     cfg = model.pretrained_cfg
     metadata = {"architecture": args.model, "source": args.src, "source_format": cfg.get("source_format", "mixlab"),
                 "input_size": json.dumps([model.in_chans, *model.img_size]), "mean": json.dumps(list(cfg["mean"])),
                 "std": json.dumps(list(cfg["std"])), "num_classes": str(model.num_classes),
                 "mixlab_version": __version__}
-    write_atomic(dst, safetensors.torch.save(tensors, metadata=metadata))  # creates dst's directory
+    state_dict = model.state_dict()
+    save_weights(state_dict, dst, metadata)  # atomic; creates dst's directory
     params = count_params(model)
-    print(f"wrote {dst}: {len(tensors)} tensors, {_fmt_int(params)} parameters ({params:,}), {args.model} from "
+    print(f"wrote {dst}: {len(state_dict)} tensors, {_fmt_int(params)} parameters ({params:,}), {args.model} from "
           f"{metadata['source_format']} weights")
     return 0
 

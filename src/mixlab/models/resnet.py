@@ -12,16 +12,32 @@ from ..registry import register_model
 from .base import HierarchicalModel, Stage, build
 
 
-def _shortcut(in_chs: int, out_chs: int, stride: int) -> nn.Module | None:
-    """The projection shortcut (1x1 conv + BN) when a block changes shape, else None."""
-    if stride == 1 and in_chs == out_chs:
-        return None
-    return nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False), nn.BatchNorm2d(out_chs))
+class _ResidualConvBlock(nn.Module):
+    """What ResNet's blocks share: ``relu(branch(x) + shortcut(x))`` with a projection
+    shortcut (1x1 conv + BN) when the block changes shape, stochastic depth on the branch,
+    and the layout: channels-last in and out, the convolutions on the NCHW view."""
+
+    def _add_residual(self, in_chs: int, out_chs: int, stride: int, drop_path: float) -> None:
+        # called after the branch's layers are made: the order in which modules are created is
+        # the order in which they draw their initial weights
+        self.act = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_chs != out_chs:
+            self.downsample = nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(out_chs))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2)
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.act(self.drop_path(self.branch(x)) + shortcut).permute(0, 2, 3, 1)
 
 
-class BasicBlock(nn.Module):
-    """ResNet-18/34's block: two 3x3 convolutions with BatchNorm (the first strides), ReLU,
-    projection shortcut when the shape changes. Channels-last in and out."""
+class BasicBlock(_ResidualConvBlock):
+    """ResNet-18/34's block: two 3x3 convolutions with BatchNorm (the first strides), ReLU."""
 
     expansion = 1
     fuse_pairs = (("conv1", "bn1"), ("conv2", "bn2"))  # see mixlab.layers.fuse
@@ -33,47 +49,33 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         nn.init.zeros_(self.bn2.weight)  # zero-init the last BN of each residual branch
-        self.act = nn.ReLU(inplace=True)
-        self.downsample = _shortcut(in_chs, planes, stride)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self._add_residual(in_chs, planes, stride, drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 3, 1, 2)
-        shortcut = x if self.downsample is None else self.downsample(x)
-        y = self.act(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return self.act(self.drop_path(y) + shortcut).permute(0, 2, 3, 1)
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
 
 
-class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (stride here, ResNet v1.5), 1x1 expand (x4), each with BatchNorm;
-    projection shortcut when the shape changes. Channels-last in and out; runs on the
-    NCHW view in channels_last memory."""
+class Bottleneck(_ResidualConvBlock):
+    """1x1 reduce, 3x3 (stride here, ResNet v1.5), 1x1 expand (x4), each with BatchNorm."""
 
     expansion = 4
     fuse_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def __init__(self, in_chs: int, planes: int, stride: int = 1, drop_path: float = 0.0):
         super().__init__()
-        out_chs = planes * self.expansion
         self.conv1 = nn.Conv2d(in_chs, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, out_chs, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_chs)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         nn.init.zeros_(self.bn3.weight)  # zero-init the last BN of each residual branch
-        self.act = nn.ReLU(inplace=True)
-        self.downsample = _shortcut(in_chs, out_chs, stride)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self._add_residual(in_chs, planes * self.expansion, stride, drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 3, 1, 2)
-        shortcut = x if self.downsample is None else self.downsample(x)
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.bn1(self.conv1(x)))
         y = self.act(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return self.act(self.drop_path(y) + shortcut).permute(0, 2, 3, 1)
+        return self.bn3(self.conv3(y))
 
 
 class ResNet(HierarchicalModel):

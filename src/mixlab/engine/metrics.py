@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import atomic_write
+
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against soft targets (mixup / cutmix / label smoothing), batch mean."""
@@ -32,7 +34,6 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
 def write_atomic(path, data: str | bytes) -> None:
     """Write ``data`` (text as UTF-8) to ``path`` atomically: a crash leaves the old file or
     the new one, never half of one (see :func:`~mixlab.engine.checkpoint.atomic_write`)."""
-    from .checkpoint import atomic_write
     payload = data.encode("utf-8") if isinstance(data, str) else data
     atomic_write(path, lambda tmp: tmp.write_bytes(payload))
 

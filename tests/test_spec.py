@@ -138,3 +138,25 @@ def test_mac_counting_on_meta_does_not_poison_window_attention():
         meta = mixlab.create_model(name, img_size=28)
         count_macs(meta, torch.empty(1, 3, 28, 28))
     assert mixlab.create_model(name, img_size=28)(torch.randn(1, 3, 28, 28)).isfinite().all()
+
+
+def test_a_registered_spec_mixer_builds_and_is_checked(monkeypatch):
+    """Families in their own modules add mixers to the specification language."""
+    from mixlab.models import spec as spec_mod
+    monkeypatch.setattr(spec_mod, "MIXERS", dict(spec_mod.MIXERS))
+    monkeypatch.setattr(spec_mod, "SPEC_BLOCKS", dict(spec_mod.SPEC_BLOCKS))
+    seen = []
+
+    def block(st, width, grid, ratio, dp, index, drop):
+        seen.append((width, grid, st["kernel"], index))
+        return mixlab.models.MetaBlock(width, mixlab.mixers.DepthwiseConv(width, st["kernel"]), mlp_ratio=ratio)
+
+    spec_mod.register_spec_mixer("mydw", {"kernel": 3}, "my depthwise conv", block)
+    m = mixlab.create_model("spec:patch2 / mydw:2x16 / mydw:1x32:kernel=5", img_size=32, num_classes=4)
+    assert seen == [(16, (16, 16), 3, 0), (16, (16, 16), 3, 1), (32, (8, 8), 5, 0)]
+    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+    assert m.stage_mixers[1] == "my depthwise conv (kernel=5)"
+    with pytest.raises(SpecError, match=r"unknown option\(s\) \['heads'\]"):
+        mixlab.create_model("spec:patch2 / mydw:1x16:heads=2")
+    with pytest.raises(ValueError, match="already registered"):
+        spec_mod.register_spec_mixer("attention", {}, "again", block)

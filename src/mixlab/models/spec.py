@@ -34,7 +34,8 @@ basic          ResNet-18's block: two dense 3x3 convolutions, BatchNorm, ReLU
 bottleneck     ResNet-50's block: 1x1, dense 3x3, 1x1 (width/4 inside), BatchNorm
 =============  ==================================================================  =========
 
-Every stage also takes ``mlp_ratio``, ``downsample`` and ``pos``. A stage after the first
+Other families add their mixers with :func:`register_spec_mixer` (``MIXERS`` lists every
+one, with its options and defaults). Every stage also takes ``mlp_ratio``, ``downsample`` and ``pos``. A stage after the first
 halves the resolution by ``downsample``: ``conv`` (LayerNorm + 2x2 stride-2 convolution,
 ConvNeXt's way; the default), ``merge`` (Swin's patch merging), ``stride`` (ResNet's way: the
 first block's 3x3 convolution strides by 2, with a projection shortcut; the default, and only
@@ -79,6 +80,25 @@ MIXERS = {
     "bottleneck": ({}, "ResNet bottleneck (dense 3x3 conv)"),
 }
 RESNET_MIXERS = ("basic", "bottleneck")
+# mixer name -> block factory, for mixers that families register from their own modules
+SPEC_BLOCKS: dict = {}
+
+
+def register_spec_mixer(name: str, options: dict, description: str, block) -> None:
+    """Make a mixer available to specifications (and so to nano models and the arena).
+
+    ``options``: the stage options it takes, with their defaults; ``description``: the text
+    ``mixlab info`` shows; ``block(stage, width, grid, mlp_ratio, drop_path, index, drop)``
+    returns one block of the stage (``index``: its position in the stage; ``grid``: the
+    (H, W) feature map it will see at the model's ``img_size``). A block maps a
+    channels-last (B, H, W, C) map to one of the same shape. The stage's downsampling and
+    position encoding are the specification's, as for every mixer.
+    """
+    if name in MIXERS:
+        raise ValueError(f"spec mixer {name!r} is already registered")
+    MIXERS[name] = (dict(options), description)
+    SPEC_BLOCKS[name] = block
+
 STAGE_KEYS = {"mixer", "depth", "width", "downsample", "mlp_ratio", "pos"}
 DOWNSAMPLES = ("conv", "merge", "stride", "none")
 POS = ("none", "abs", "cpe")
@@ -269,6 +289,8 @@ class SpecNet(HierarchicalModel):
                stride: int) -> nn.Module:
         m = st["mixer"]
         ln = partial(nn.LayerNorm, eps=1e-6)
+        if m in SPEC_BLOCKS:
+            return SPEC_BLOCKS[m](st, w, grid, ratio, dp, j, drop)
         if m in RESNET_MIXERS:
             block = (BasicBlock(in_chs, w, stride, dp) if m == "basic"
                      else Bottleneck(in_chs, w // Bottleneck.expansion, stride, dp))

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..layers.pos import resample_abs_pos_embed
 from .load import unwrap_checkpoint
 
-__all__ = ["architecture_kwargs", "convert_state_dict", "detect_format"]
+__all__ = ["architecture_kwargs", "convert_state_dict", "detect_format", "register_layout"]
 
 #: buffers that checkpoints from other code carry and mixlab recomputes from the shapes
 _DROPPED_BUFFERS = ("relative_position_index", "attn_mask")
@@ -61,6 +61,30 @@ def _any(keys: Iterable[str], *patterns: str) -> bool:
     return any(r.search(k) for k in keys for r in regs)
 
 
+#: layouts that families defined in their own modules register (see register_layout)
+_EXTRA_MIXLAB_PATTERNS: list[str] = []
+_EXTRA_LAYOUTS: list[tuple[str, str, tuple[str, ...], list]] = []
+_EXTRA_CLASSES: list[tuple[type, str]] = []
+
+
+def register_layout(fmt: str, family: str, patterns, rules, *, model_class: type | None = None,
+                    mixlab_patterns=()) -> None:
+    """Teach detection and conversion another family's layout.
+
+    ``fmt``: 'timm' or 'authors-<family>'; ``family``: the registry family of the mixlab
+    models it converts into (their module's name); ``patterns``: regular expressions, one of
+    which some key of such a state dict matches (and no key of a mixlab state dict);
+    ``rules``: the renaming rules (full-key pattern, replacement or callable on the match);
+    ``model_class``: the mixlab class of that family; ``mixlab_patterns``: expressions that
+    identify the family's models' own (mixlab) state dicts, checked before any other layout.
+    Registered layouts are checked before the built-in ones.
+    """
+    _EXTRA_MIXLAB_PATTERNS.extend(mixlab_patterns)
+    _EXTRA_LAYOUTS.append((fmt, family, tuple(patterns), list(rules)))
+    if model_class is not None:
+        _EXTRA_CLASSES.append((model_class, family))
+
+
 def _layout(sd: dict) -> tuple[str, str | None]:
     """(format, family) of a state dict; family is None for mixlab's own format."""
     keys = list(sd)
@@ -68,8 +92,11 @@ def _layout(sd: dict) -> tuple[str, str | None]:
         raise ValueError("cannot detect the format of an empty state dict")
     if _any(keys, r"(^|\.)mixer\.", r"^pos_embed\.pos_embed$", r"^stem\.bn\.",
             r"^stages\.\d+\.blocks\.\d+\.ls[12]?\.gamma$", r"^stages\.\d+\.downsample\.(proj|pre_norm|post_norm)\.",
-            r"^stem\.convs\.", r"^stages\.\d+\.blocks\.\d+\.(conv|bn)[123]\."):
+            r"^stem\.convs\.", r"^stages\.\d+\.blocks\.\d+\.(conv|bn)[123]\.", *_EXTRA_MIXLAB_PATTERNS):
         return "mixlab", None
+    for fmt, family, patterns, _ in _EXTRA_LAYOUTS:
+        if _any(keys, *patterns):
+            return fmt, family
     if _any(keys, r"^patch_embed[1-4]\.", r"^blocks[1-4]\.\d+\."):
         return "authors-container", "container"
     if _any(keys, r"^network\.\d+\."):
@@ -233,6 +260,9 @@ _AUTHORS_CONTAINER: list[Rule] = [
 def _rules_for(fmt: str, family: str | None, keys: list[str]) -> list[Rule]:
     if fmt == "mixlab":
         return []
+    for xfmt, xfamily, _, rules in _EXTRA_LAYOUTS:
+        if (xfmt, xfamily) == (fmt, family):
+            return rules
     if fmt == "authors-swin":
         return _swin_rules(merge_at_end=True)
     if fmt == "authors-convnext":
@@ -271,7 +301,8 @@ def _model_family(model: nn.Module) -> str | None:
     from ..models.resnet import ResNet
     from ..models.swin import SwinTransformer
     from ..models.vit import VisionTransformer
-    for cls, fam in ((VisionTransformer, "vit"), (SwinTransformer, "swin"), (ConvNeXt, "convnext"),
+    # registered classes first: a family may subclass a built-in one
+    for cls, fam in (*_EXTRA_CLASSES, (VisionTransformer, "vit"), (SwinTransformer, "swin"), (ConvNeXt, "convnext"),
                      (MlpMixer, "mlp_mixer"), (PoolFormer, "poolformer"), (ResNet, "resnet"),
                      (Container, "container")):
         if isinstance(model, cls):

@@ -47,7 +47,9 @@ def build(lib: str, name: str, img_size: int, device: torch.device) -> nn.Module
     else:
         import timm
         kw = {"img_size": img_size} if img_size != 224 and _timm_takes_img_size(name) else {}
-        model = timm.create_model(name, pretrained=False, **kw)
+        # timm's Swin trains with stochastic depth 0.1 by default; mixlab's models with none:
+        # compare the same network (no stochastic depth in either)
+        model = timm.create_model(name, pretrained=False, drop_path_rate=0.0, **kw)
     return model.to(device)
 
 

@@ -135,10 +135,15 @@ class WindowAttention(Mixer):
         B, H, W, C = x.shape
         q, k, v, bias, win, shift, (Hp, Wp), _ = self._attention_inputs(x)
         nW, heads, n, d = q.shape[1:]
-        # 4-D (batch x windows, heads, tokens, dim): the layout PyTorch's fused attention kernels take
-        q, k, v = (t.reshape(B * nW, heads, n, d) for t in (q, k, v))
-        if bias.shape[0] > 1:  # one mask per window: the same for every image of the batch
-            bias = bias.unsqueeze(0).expand(B, -1, -1, -1, -1).reshape(B * nW, heads, n, n)
+        # 4-D inputs, the layout PyTorch's fused attention kernels take. With one mask per
+        # window (shifted or padded maps), windows x heads form the head axis, so that the
+        # (windows x heads, n, n) bias broadcasts over the batch instead of being copied per
+        # image; otherwise windows join the batch and the (heads, n, n) bias broadcasts.
+        if bias.shape[0] > 1:
+            q, k, v = (t.reshape(B, nW * heads, n, d) for t in (q, k, v))
+            bias = bias.reshape(1, nW * heads, n, n)
+        else:
+            q, k, v = (t.reshape(B * nW, heads, n, d) for t in (q, k, v))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                            dropout_p=self.attn_drop if self.training else 0.0)
         o = o.view(B, nW, heads, n, d).transpose(2, 3).reshape(B, Hp // win[0], Wp // win[1], win[0], win[1], C)

@@ -5,9 +5,30 @@ linear layer or matrix product is one MAC, attention's two matrix products inclu
 (``torch.utils.flop_counter`` counts 2 FLOPs per MAC; we halve it). Norms, activations and
 pooling are not counted. By default the model is built and run on the ``meta`` device,
 so even ViT-H is profiled in well under a second without allocating its weights.
+
+FFTs, which ``torch.utils.flop_counter`` does not count, are counted by formula, following
+the GFNet authors' script (raoyongming/GFNet issue #15: fvcore handles for ``rfft2`` /
+``irfft2`` of ``N·C·ceil(log2 N)``, counted as MACs like the rest of fvcore's figures), and
+their analysis (issue #12: an n-point real FFT costs n/4·log2(n) complex multiplies =
+n·log2(n) real ones, a complex FFT twice that). For a transform over a set of dimensions
+of n = product of their sizes points in all, applied to ``signals`` = the number of the
+other elements:
+
+* real -> complex (``aten._fft_r2c``, ``rfft``/``rfft2``/``rfftn``):
+  ``signals · n · ceil(log2 n)`` MACs, n counted on the real input;
+* complex -> real (``aten._fft_c2r``, ``irfft*``): the same formula on the op's input, the
+  one-sided spectrum (n = H·(W//2+1) for ``irfft2``), as the authors' script counts it;
+* complex -> complex (``aten._fft_c2c``, ``fft*``/``ifft*``): ``2 · signals · n · ceil(log2 n)``.
+
+An elementwise product with a complex operand (``aten.mul``; GFNet's filter) counts 4 MACs
+per complex-by-complex element (4 real multiplies, the adds fused) and 2 per
+complex-by-real one. Elementwise products of real tensors stay uncounted, as before. All
+of this is shape arithmetic: it runs on the ``meta`` device (PyTorch has meta kernels for
+the FFT ops).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -60,9 +81,51 @@ class ModelProfile:
         return d
 
 
+def _fft_macs(shape, dims, per_point: int) -> int:
+    """MACs of an FFT over ``dims`` of a tensor of ``shape``: ``per_point · n · ceil(log2 n)``
+    for each of the ``numel / n`` signals, n being the product of the transformed sizes."""
+    n = math.prod(shape[d] for d in dims)
+    if n <= 1:
+        return 0
+    return per_point * (math.prod(shape) // n) * n * math.ceil(math.log2(n))
+
+
+# FlopCounterMode's formulas get the op's arguments (tensors replaced by their shapes) and
+# return FLOPs, two per MAC: count_macs halves the total
+def _fft_r2c_flops(x_shape, dim, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _fft_macs(x_shape, dim, 1)
+
+
+def _fft_c2r_flops(x_shape, dim, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _fft_macs(x_shape, dim, 1)
+
+
+def _fft_c2c_flops(x_shape, dim, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _fft_macs(x_shape, dim, 2)
+
+
+def _complex_mul_flops(a, b, *args, out_val=None, **kwargs) -> int:
+    """Elementwise products with a complex operand (given the tensors themselves)."""
+    if not (isinstance(out_val, torch.Tensor) and out_val.is_complex()):
+        return 0
+    both = all(isinstance(t, torch.Tensor) and t.is_complex() for t in (a, b))
+    return 2 * (4 if both else 2) * out_val.numel()
+
+
+_complex_mul_flops._get_raw = True  # FlopCounterMode passes the tensors, not their shapes
+
+#: formulas for ops that ``torch.utils.flop_counter`` leaves uncounted (see the module docstring)
+EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._fft_r2c: _fft_r2c_flops,
+    torch.ops.aten._fft_c2r: _fft_c2r_flops,
+    torch.ops.aten._fft_c2c: _fft_c2c_flops,
+    torch.ops.aten.mul: _complex_mul_flops,
+}
+
+
 def count_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]:
     """Total MACs of ``model(x)`` and MACs per module (keys: module names, '' = whole model)."""
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
     with counter, torch.no_grad():
         model(x)
     prefix = type(model).__name__

@@ -76,8 +76,8 @@ def register_layout(fmt: str, family: str, patterns, rules, *, model_class: type
     which some key of such a state dict matches (and no key of a mixlab state dict);
     ``rules``: the renaming rules (full-key pattern, replacement or callable on the match);
     ``model_class``: the mixlab class of that family; ``mixlab_patterns``: expressions that
-    identify the family's models' own (mixlab) state dicts, checked before any other layout.
-    Registered layouts are checked before the built-in ones.
+    identify the family's models' own (mixlab) state dicts, checked before any layout.
+    Registered layouts are checked before mixlab's built-in patterns and layouts.
     """
     _EXTRA_MIXLAB_PATTERNS.extend(mixlab_patterns)
     _EXTRA_LAYOUTS.append((fmt, family, tuple(patterns), list(rules)))
@@ -90,13 +90,18 @@ def _layout(sd: dict) -> tuple[str, str | None]:
     keys = list(sd)
     if not keys:
         raise ValueError("cannot detect the format of an empty state dict")
-    if _any(keys, r"(^|\.)mixer\.", r"^pos_embed\.pos_embed$", r"^stem\.bn\.",
-            r"^stages\.\d+\.blocks\.\d+\.ls[12]?\.gamma$", r"^stages\.\d+\.downsample\.(proj|pre_norm|post_norm)\.",
-            r"^stem\.convs\.", r"^stages\.\d+\.blocks\.\d+\.(conv|bn)[123]\.", *_EXTRA_MIXLAB_PATTERNS):
+    # the registered families' own names, then their foreign layouts, before mixlab's built-in
+    # patterns: a registered layout's patterns match no mixlab key (register_layout's contract),
+    # while some of its other keys may look like mixlab's (timm's EfficientFormer has `ls1.gamma`)
+    if _any(keys, *_EXTRA_MIXLAB_PATTERNS):
         return "mixlab", None
     for fmt, family, patterns, _ in _EXTRA_LAYOUTS:
         if _any(keys, *patterns):
             return fmt, family
+    if _any(keys, r"(^|\.)mixer\.", r"^pos_embed\.pos_embed$", r"^stem\.bn\.",
+            r"^stages\.\d+\.blocks\.\d+\.ls[12]?\.gamma$", r"^stages\.\d+\.downsample\.(proj|pre_norm|post_norm)\.",
+            r"^stem\.convs\.", r"^stages\.\d+\.blocks\.\d+\.(conv|bn)[123]\."):
+        return "mixlab", None
     if _any(keys, r"^patch_embed[1-4]\.", r"^blocks[1-4]\.\d+\."):
         return "authors-container", "container"
     if _any(keys, r"^network\.\d+\."):

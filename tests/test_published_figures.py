@@ -25,6 +25,20 @@ GMACS_EXEMPT = {
     "container": "paper's 8.1 GFLOPs not reproducible with full attention at stride 4 (see docs/models.md)",
 }
 
+# Published figures counted on another form of the network than the one create_model builds;
+# each is measured in that form (and the trained form is checked in the family's own tests).
+def _reparameterized(model):
+    return model.reparameterize()  # RepLKNet: the paper's 79M / 15.3G are the inference-time network's
+
+
+def _backbone(model):
+    model.reset_classifier(0)  # ShiftViT: the seed's 28 / 50 / 88M exclude the classifier (see docs/models.md)
+    return model
+
+
+COUNTED_AS = {"replknet_31b": _reparameterized, "shiftvit_tiny": _backbone, "shiftvit_small": _backbone,
+              "shiftvit_base": _backbone}
+
 
 def _split_names(cell: str) -> list[str]:
     cell = cell.split("(")[0].strip() if "(=" not in cell else cell
@@ -79,7 +93,7 @@ def test_table_is_the_projects_reference():
 def test_matches_published_figures(name):
     params_m, gmacs = FIGURES[name]
     with torch.device("meta"):
-        model = mixlab.create_model(name).eval()
+        model = COUNTED_AS.get(name, lambda m: m)(mixlab.create_model(name).eval())
         x = torch.empty(1, 3, *model.img_size)
     ours_p = count_params(model) / 1e6
     assert abs(ours_p - params_m) / params_m <= 0.01, f"{name}: {ours_p:.3f}M params vs published {params_m}M"

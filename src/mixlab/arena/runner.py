@@ -36,10 +36,10 @@ from .. import __version__
 from ..config import RUN_CONFIG, Config, ConfigError, build_config
 from ..engine.metrics import MetricsLog, write_atomic
 from ..engine.trainer import model_slug
+from ..models.nano import LINE_UPS
 
-#: what ``mixlab arena`` trains when no model is named
-DEFAULT_MODELS = ("nano_resnet", "nano_convnext", "nano_vit", "nano_swin", "nano_mixer", "nano_poolformer",
-                  "nano_container", "nano_hybrid")
+#: what ``mixlab arena`` trains when no model is named: the eight families of the seeds' argument
+DEFAULT_MODELS = LINE_UPS["nano"]
 #: the default budget on the bundled digits data: all eight nano models in under 5 minutes on 2 CPU cores
 DIGITS_EPOCHS = 5
 #: the square side images are resized to when a dataset's own is smaller than this (digits: 8 px)
@@ -68,10 +68,11 @@ class ArenaSettings:
 
 
 def expand_models(names) -> list[str]:
-    """Model arguments to model names: ``nano`` stands for the default line-up; duplicates go."""
+    """Model arguments to model names: ``nano`` stands for the default line-up, ``nano-zoo`` for
+    the further families' nano models, ``nano-all`` for both; duplicates go."""
     out: list[str] = []
     for n in names or ["nano"]:
-        for m in (DEFAULT_MODELS if n == "nano" else [n]):
+        for m in LINE_UPS.get(n, [n]):
             if m not in out:
                 out.append(m)
     return out

@@ -56,3 +56,16 @@ def test_list(capsys):
     assert main(["list", "deit", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 6 and {r["family"] for r in rows} == {"vit"}
+
+
+def test_list_spec_mixers(capsys):
+    from mixlab.models.spec import MIXERS
+    assert main(["list", "--mixers", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [m["mixer"] for m in listed] == list(MIXERS)
+    assert {"mixer": "window", "options": {"heads": 4, "window": 7}, "block": MIXERS["window"][1]} in listed
+    assert main(["list", "--mixers", "g*"]) == 0
+    out = capsys.readouterr().out
+    assert out.split()[0] == "gfilter" and "gmlp" in out and "window" not in out
+    assert main(["list", "--mixers", "nothing*"]) == 1
+    assert "mixlab list --mixers" in capsys.readouterr().err

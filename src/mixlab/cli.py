@@ -26,6 +26,8 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 def cmd_list(args) -> int:
     from .registry import list_models, model_family
 
+    if args.mixers:
+        return _list_spec_mixers(args)
     names = list_models(args.pattern or "*")
     if not names:
         print(f"no registered model matches {args.pattern!r}; `mixlab list` shows them all", file=sys.stderr)
@@ -35,6 +37,26 @@ def cmd_list(args) -> int:
     else:
         for n in names:
             print(n)
+    return 0
+
+
+def _list_spec_mixers(args) -> int:
+    """The mixers a specification's stages can name, with their options and defaults."""
+    import fnmatch
+
+    from .models.spec import MIXERS
+
+    names = [n for n in MIXERS if fnmatch.fnmatchcase(n, args.pattern or "*")]
+    if not names:
+        print(f"no spec mixer matches {args.pattern!r}; `mixlab list --mixers` shows them all", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([{"mixer": n, "options": MIXERS[n][0], "block": MIXERS[n][1]} for n in names], indent=2))
+        return 0
+    width = max(map(len, names))
+    for n in names:
+        opts = ",".join(f"{k}={v}" for k, v in MIXERS[n][0].items()) or "-"
+        print(f"{n:<{width}}  {MIXERS[n][1]}  [{opts}]")
     return 0
 
 
@@ -205,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("list", help="list registered models (optionally matching a pattern)")
     s.add_argument("pattern", nargs="?", help="shell-style pattern or substring, e.g. 'swin*' or 'deit'")
+    s.add_argument("--mixers", action="store_true",
+                   help="list the mixers a specification's stages can name, with their options, instead")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_list)
 
@@ -259,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "same command skips finished runs and continues an interrupted one.")
     s.add_argument("models", nargs="*", metavar="MODEL",
                    help="registered names, 'spec:...' strings or spec .yaml files; 'nano' stands for the nano "
-                        "line-up (the default)")
+                        "line-up (the default: eight families), 'nano-zoo' for the nano models of the further "
+                        "families, 'nano-all' for both")
     s.add_argument("--data", default="digits", help="digits (default, bundled) | fashion-mnist | cifar10 | "
                    "cifar100 | imagefolder")
     s.add_argument("--data-root", help="where the dataset's files are")

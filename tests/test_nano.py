@@ -43,3 +43,40 @@ def test_nano_models_run_on_small_images(name):
     # the registered model is exactly its specification
     same = mixlab.create_model("spec:" + {**NANO_SPECS, **NANO_ZOO_SPECS}[name], img_size=32, in_chans=3, num_classes=10)
     assert {k: v.shape for k, v in same.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_mixer_of_every_nano_model_keeps_the_contract(name):
+    """Inside a whole network (the input each mixer really sees, eval mode): every spatial
+    mixer whose aggregation is exactly A·V reproduces its forward from ``affinity`` and
+    ``values``; the others (MLP-Mixer's two-layer token MLP) still give a well-formed A."""
+    from mixlab.mixers import Mixer
+    torch.manual_seed(0)
+    model = mixlab.create_model(name, img_size=16, in_chans=3, num_classes=10).eval()
+    seen = {}
+
+    def keep(key):
+        def hook(mod, args, out):
+            # copies: later in-place ops (RepLKNet's ReLU) would change them; returns None, so the
+            # model's output stays as it is
+            seen.setdefault(key, (mod, args[0].clone(), out.clone()))
+        return hook
+
+    hooks = [m.register_forward_hook(keep(k)) for k, m in model.named_modules() if isinstance(m, Mixer)]
+    with torch.no_grad():
+        model(torch.randn(1, 3, 16, 16))
+    for h in hooks:
+        h.remove()
+    if name == "nano_resnet":  # dense 3x3 convolutions mix positions and channels at once: no affinity
+        assert not seen
+        return
+    assert seen, f"{name} has no spatial mixer"
+    for key, (mixer, x, out) in seen.items():
+        with torch.no_grad():
+            A = mixer.affinity(x)
+            N = x.shape[1] * x.shape[2] if x.ndim == 4 else x.shape[1]
+            assert A.ndim == 4 and A.shape[0] == 1 and A.shape[-2:] == (N, N), (key, tuple(A.shape))
+            assert mixer.affinity_kind in ("static", "dynamic", "mixed"), key
+            if mixer.exact_av:
+                torch.testing.assert_close(mixer.explicit_forward(x), out, atol=2e-5, rtol=1e-4,
+                                           msg=lambda m: f"{name} {key}: {m}")

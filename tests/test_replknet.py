@@ -23,14 +23,7 @@ from test_parity import randomize_
 C = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, busy 2-core machine every small parallel op waits on
-    a descheduled worker (tens of ms each); the results are the same."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def close(a, b, atol=1e-10):

@@ -46,6 +46,31 @@ class Stage(nn.Module):
         return self.blocks(self.downsample(x))
 
 
+def patch_grid(img_size, patch_size: int) -> tuple[int, int]:
+    """The (H, W) token grid of ``img_size`` cut into ``patch_size`` patches, for models whose
+    layers are built for it (token-mixing layers, global filters); a ValueError if it does not divide."""
+    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"img_size {(h, w)} is not divisible by the patch size {patch_size}")
+    return h // patch_size, w // patch_size
+
+
+def init_weights_mixer(model: nn.Module) -> None:
+    """The MLP-Mixer paper's init (also gMLP's): Xavier-uniform linear layers with tiny biases,
+    a zero classifier (``head.*``), LeCun-normal patch convolutions."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            if name.startswith("head"):
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+            else:
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.normal_(m.bias, std=1e-6)
+        elif isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
+            nn.init.zeros_(m.bias)
+
+
 def init_weights_vit(module: nn.Module) -> None:
     """Truncated-normal (std 0.02) linear weights with zero bias, the ViT/Swin/ConvNeXt rule."""
     if isinstance(module, nn.Linear):

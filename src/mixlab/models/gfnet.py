@@ -35,11 +35,11 @@ import torch
 import torch.nn as nn
 
 from ..layers import (AbsolutePosEmbed, ClassifierHead, ConvEmbed, DropPath, LayerScale, Mlp, PatchEmbed,
-                      stochastic_depth_rates, to_2tuple)
+                      stochastic_depth_rates)
 from ..mixers.global_filter import GlobalFilter
 from ..registry import register_model
 from ..weights.convert import register_layout
-from .base import HierarchicalModel, Stage, build, init_weights_vit
+from .base import HierarchicalModel, Stage, build, init_weights_vit, patch_grid
 from .spec import register_spec_mixer
 
 __all__ = ["GFNet", "GFNetBlock"]
@@ -96,10 +96,7 @@ class GFNet(HierarchicalModel):
         if len(embed_dims) != len(depths) or not depths:
             raise ValueError(f"embed_dims {embed_dims} and depths {depths} must list the same (non-zero) number "
                              f"of stages")
-        img = to_2tuple(img_size)
-        if img[0] % patch_size or img[1] % patch_size:
-            raise ValueError(f"img_size {img} is not divisible by the patch size {patch_size}")
-        grid = (img[0] // patch_size, img[1] // patch_size)
+        grid = first_grid = patch_grid(img_size, patch_size)
         norm = partial(nn.LayerNorm, eps=1e-6)
         dpr = stochastic_depth_rates(drop_path_rate, depths)
         stages, info, mixers = [], [], []
@@ -113,7 +110,6 @@ class GFNet(HierarchicalModel):
             stages.append(Stage(down, blocks))
             info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"stages.{i}"))
             mixers.append(f"global filter (FFT, {grid[0]}x{grid[1]})")
-        first_grid = (img[0] // patch_size, img[1] // patch_size)
         super().__init__(in_chans, num_classes, img_size,
                          stem=_PatchPosEmbed(patch_size, in_chans, embed_dims[0], first_grid, drop=drop_rate),
                          stages=stages, norm=norm(embed_dims[-1]),

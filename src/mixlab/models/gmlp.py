@@ -8,11 +8,11 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from ..layers import ClassifierHead, DropPath, PatchEmbed, to_2tuple
+from ..layers import ClassifierHead, DropPath, PatchEmbed
 from ..mixers.token_mlp import SpatialGatingMLP
 from ..registry import register_model
 from ..weights.convert import register_layout
-from .base import HierarchicalModel, Stage, build
+from .base import HierarchicalModel, Stage, build, init_weights_mixer, patch_grid
 from .spec import register_spec_mixer
 
 
@@ -45,10 +45,7 @@ class GMLP(HierarchicalModel):
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 256, depth: int = 30, mlp_ratio: float = 6.0, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0):
-        img = to_2tuple(img_size)
-        if img[0] % patch_size or img[1] % patch_size:
-            raise ValueError(f"img_size {img} is not divisible by the patch size {patch_size}")
-        grid = (img[0] // patch_size, img[1] // patch_size)
+        grid = patch_grid(img_size, patch_size)
         n = grid[0] * grid[1]
         hidden = int(mlp_ratio * embed_dim)
         blocks = [GMLPBlock(embed_dim, hidden, n, grid, drop=drop_rate, drop_path=drop_path_rate)
@@ -59,21 +56,7 @@ class GMLP(HierarchicalModel):
                          feature_info=[dict(num_chs=embed_dim, reduction=patch_size, module="stages.0")],
                          stage_mixers=[f"spatial gating unit ({n} tokens)"])
         self.min_input_size = patch_size
-        self._init()
-
-    def _init(self) -> None:
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Linear):
-                if name.startswith("head"):
-                    nn.init.zeros_(m.weight)
-                    nn.init.zeros_(m.bias)
-                else:
-                    nn.init.xavier_uniform_(m.weight)
-                    nn.init.normal_(m.bias, std=1e-6)
-            elif isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
-                nn.init.zeros_(m.bias)
-        # the gating units' token layers keep their own init: weights ~ N(0, 1e-6), bias 1
+        init_weights_mixer(self)  # the gating units' token layers (not nn.Linear) keep the paper's init
 
 
 @register_model

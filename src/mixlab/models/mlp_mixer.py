@@ -6,10 +6,10 @@ from functools import partial
 
 import torch.nn as nn
 
-from ..layers import ClassifierHead, Mlp, PatchEmbed, stochastic_depth_rates, to_2tuple
+from ..layers import ClassifierHead, Mlp, PatchEmbed, stochastic_depth_rates
 from ..mixers import TokenMixingMLP
 from ..registry import register_model
-from .base import HierarchicalModel, Stage, build
+from .base import HierarchicalModel, Stage, build, init_weights_mixer, patch_grid
 from .blocks import MetaBlock
 
 
@@ -21,10 +21,7 @@ class MlpMixer(HierarchicalModel):
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 512, depth: int = 8, mlp_ratio=(0.5, 4.0), drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0):
-        img = to_2tuple(img_size)
-        if img[0] % patch_size or img[1] % patch_size:
-            raise ValueError(f"img_size {img} is not divisible by the patch size {patch_size}")
-        grid = (img[0] // patch_size, img[1] // patch_size)
+        grid = patch_grid(img_size, patch_size)
         n = grid[0] * grid[1]
         norm = partial(nn.LayerNorm, eps=1e-6)
         dpr = stochastic_depth_rates(drop_path_rate, [depth])[0]
@@ -38,21 +35,7 @@ class MlpMixer(HierarchicalModel):
                          feature_info=[dict(num_chs=embed_dim, reduction=patch_size, module="stages.0")],
                          stage_mixers=[f"token-mixing MLP ({n} tokens)"])
         self.min_input_size = patch_size
-        self._init()
-
-    def _init(self):
-        """The MLP-Mixer paper's init: Xavier-uniform MLPs with tiny biases, zero classifier."""
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Linear):
-                if name.startswith("head"):
-                    nn.init.zeros_(m.weight)
-                    nn.init.zeros_(m.bias)
-                else:
-                    nn.init.xavier_uniform_(m.weight)
-                    nn.init.normal_(m.bias, std=1e-6)
-            elif isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
-                nn.init.zeros_(m.bias)
+        init_weights_mixer(self)
 
 
 @register_model

@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..layers import Affine, ClassifierHead, Mlp, PatchEmbed, to_2tuple
+from ..layers import Affine, ClassifierHead, Mlp, PatchEmbed
 from ..mixers.token_mlp import TokenLinear, TokenProjection
 from ..registry import register_model
 from ..weights.convert import register_layout
-from .base import HierarchicalModel, Stage, build
+from .base import HierarchicalModel, Stage, build, patch_grid
 from .blocks import MetaBlock
 from .spec import register_spec_mixer
 
@@ -39,10 +39,7 @@ class ResMLP(HierarchicalModel):
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 384, depth: int = 12, mlp_ratio: float = 4.0, layer_scale: float = 0.1,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0):
-        img = to_2tuple(img_size)
-        if img[0] % patch_size or img[1] % patch_size:
-            raise ValueError(f"img_size {img} is not divisible by the patch size {patch_size}")
-        grid = (img[0] // patch_size, img[1] // patch_size)
+        grid = patch_grid(img_size, patch_size)
         n = grid[0] * grid[1]
         blocks = [MetaBlock(embed_dim, TokenLinear(n, grid), norm_layer=ResMLPAffine,
                             mlp=Mlp(embed_dim, int(mlp_ratio * embed_dim), drop=drop_rate),

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..layers import ClassifierHead, ConvEmbed, PatchEmbed, stochastic_depth_rates, to_2tuple
+from ..layers import ClassifierHead, ConvEmbed, PatchEmbed, stochastic_depth_rates
 from ..mixers.token_mlp import PermuteMLP
 from ..registry import register_model
-from .base import HierarchicalModel, Stage, build, init_weights_vit
+from .base import HierarchicalModel, Stage, build, init_weights_vit, patch_grid
 from .blocks import MetaBlock
 from .spec import register_spec_mixer
 
@@ -37,10 +37,7 @@ class VisionPermutator(HierarchicalModel):
             raise ValueError(f"depths, dims and segment_dims need one entry per stage, transitions one per stage "
                              f"after the first; got {len(depths)}, {len(dims)}, {len(segment_dims)} and "
                              f"{len(transitions)}")
-        img = to_2tuple(img_size)
-        if img[0] % patch_size or img[1] % patch_size:
-            raise ValueError(f"img_size {img} is not divisible by the patch size {patch_size}")
-        grid = (img[0] // patch_size, img[1] // patch_size)
+        grid = patch_grid(img_size, patch_size)
         reduction = patch_size
         dpr = stochastic_depth_rates(drop_path_rate, depths)
         stages, info, mixers = [], [], []

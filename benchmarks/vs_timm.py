@@ -5,6 +5,7 @@ one process, on one machine, with interleaved runs, reported as the ratio mixlab
     python benchmarks/vs_timm.py --models resnet50 convnext_tiny --batch 16 --repeats 7
     python benchmarks/vs_timm.py --device cuda --batch 64 --amp bf16
     python benchmarks/vs_timm.py --all --json results.json
+    python benchmarks/vs_timm.py --models convnext_tiny --modes train --profile   # time per operator
 
 For each architecture both libraries build the model at the same size with random weights.
 Each repeat times ``--iters`` batches of mixlab and of timm back to back, alternating which
@@ -130,6 +131,40 @@ def compare(name: str, mode: str, args, device: torch.device) -> dict:
     return row
 
 
+def profile(name: str, mode: str, args, device: torch.device, top: int = 15) -> str:
+    """Where the time goes: each library's steps under torch.profiler, self time per operator
+    (ms per step, summed over calls), side by side, the operators whose totals differ most first."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.manual_seed(0)
+    totals, per_step = {}, {}
+    for lib in ("mixlab", "timm"):
+        runner = Runner(build(lib, name, args.img_size, device), mode, args.batch, args.img_size, device, args.amp)
+        for _ in range(args.warmup):
+            runner.step()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            t = time.perf_counter()
+            for _ in range(args.iters):
+                runner.step()
+            runner.sync()
+            per_step[lib] = (time.perf_counter() - t) / args.iters * 1e3
+        attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        totals[lib] = {e.key: (getattr(e, attr) / 1e3 / args.iters, e.count // args.iters)
+                       for e in prof.key_averages()}
+        del runner
+    ops = set(totals["mixlab"]) | set(totals["timm"])
+    diff = {op: totals["mixlab"].get(op, (0.0, 0))[0] - totals["timm"].get(op, (0.0, 0))[0] for op in ops}
+    lines = [f"## {name} {mode}: {per_step['mixlab']:.0f} ms per step (mixlab), {per_step['timm']:.0f} ms (timm)",
+             "", "| operator | mixlab ms/step | calls | timm ms/step | calls | difference ms |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for op in sorted(ops, key=lambda o: -abs(diff[o]))[:top]:
+        (mt, mc), (tt, tc) = totals["mixlab"].get(op, (0.0, 0)), totals["timm"].get(op, (0.0, 0))
+        lines.append(f"| `{op}` | {mt:.1f} | {mc} | {tt:.1f} | {tc} | {diff[op]:+.1f} |")
+    return "\n".join(lines)
+
+
 def memory_probe(lib: str, name: str, mode: str, args) -> float | None:
     """Peak memory of one step in a fresh process (MiB), or None if the probe failed."""
     cmd = [sys.executable, os.path.abspath(__file__), "--probe", lib, name, mode, "--batch", str(args.batch),
@@ -203,6 +238,9 @@ def main(argv=None) -> int:
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's choice)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory probes")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing rounds, profile --iters steps of each library and print the self time "
+                        "per operator side by side (where a ratio below 1 comes from)")
     p.add_argument("--json", help="also write the rows as JSON to this file")
     p.add_argument("--probe", nargs=3, metavar=("LIB", "MODEL", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -223,6 +261,11 @@ def main(argv=None) -> int:
         p.error(f"not an architecture both libraries have: {', '.join(unknown)}; shared: {', '.join(shared)}")
     print(f"# mixlab / timm, batch {args.batch}, {args.img_size}x{args.img_size}, {args.device}, amp {args.amp}, "
           f"{args.repeats} repeats x {args.iters} batches\n# {environment(device)}", flush=True)
+    if args.profile:
+        for name in names:
+            for mode in args.modes:
+                print("\n" + profile(name, mode, args, device), flush=True)
+        return 0
     rows = []
     for name in names:
         for mode in args.modes:

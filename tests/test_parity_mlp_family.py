@@ -65,6 +65,13 @@ def test_gmlp_parity_at_224():
     assert torch.equal(mixer.proj.weight, gate.proj.weight) and torch.equal(mixer.norm.bias, gate.norm.bias)
 
 
+def test_gmlp_parity_at_another_size():
+    theirs = timm_model("gmlp_s16_224", seed=5, img_size=160)
+    ours = mixlab_from("gmlp_s16_224", theirs, img_size=160)
+    assert ours.stages[0].blocks[0].mixer.proj.weight.shape == (100, 100)
+    assert_same_logits(ours, theirs, 160, seed=4)
+
+
 def test_conversion_refuses_the_other_family():
     sd = timm_model("resmlp_12_224").state_dict()
     with torch.device("meta"):

@@ -131,7 +131,8 @@ def _layout(sd: dict) -> tuple[str, str | None]:
         f"unrecognised state dict layout (keys: {sample}). Supported: mixlab's own names; timm 1.0 names for "
         f"resnet50, vit_*/deit_*, swin_*, convnext_*, mixer_*, poolformer_*; the authors' layouts of Swin "
         f"(microsoft/Swin-Transformer), ConvNeXt (facebookresearch/ConvNeXt), DeiT (facebookresearch/deit), "
-        f"PoolFormer (sail-sg/poolformer) and Container (allenai/container)")
+        f"PoolFormer (sail-sg/poolformer) and Container (allenai/container); and those the families register: "
+        f"{', '.join(f'{fmt} {family}' for fmt, family, _, _ in _EXTRA_LAYOUTS) or 'none'}")
 
 
 def detect_format(state_dict: dict) -> str:

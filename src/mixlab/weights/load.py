@@ -60,6 +60,10 @@ def _defaults() -> dict[str, dict]:
         table[name] = {"source": f"hf-hub:timm/{name}.sail_in1k", **_IMAGENET}
     table["resnet50"] = {"source": "hf-hub:timm/resnet50.a1_in1k", **_IMAGENET}
     table["mixer_b16_224"] = {"source": "hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k", **_INCEPTION}
+    for name in ("resmlp_12_224", "resmlp_24_224"):
+        table[name] = {"source": f"hf-hub:timm/{name}.fb_in1k", **_IMAGENET}
+    table["gmlp_s16_224"] = {"source": "hf-hub:timm/gmlp_s16_224.ra3_in1k", **_INCEPTION}
+    table["efficientformer_l1"] = {"source": "hf-hub:timm/efficientformer_l1.snap_dist_in1k", **_IMAGENET}
     return dict(sorted(table.items()))
 
 

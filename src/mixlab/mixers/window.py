@@ -144,8 +144,18 @@ class WindowAttention(Mixer):
             bias = bias.reshape(1, nW * heads, n, n)
         else:
             q, k, v = (t.reshape(B * nW, heads, n, d) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                           dropout_p=self.attn_drop if self.training else 0.0)
+        if x.device.type == "cpu" and bias.requires_grad and torch.is_grad_enabled():
+            # PyTorch's fused CPU kernel gives no gradient for an attention mask, so SDPA falls
+            # back to its math path, whose safe softmax adds passes for fully masked rows (which
+            # windows never have: each holds at least one real position) and which scales both
+            # q and k; the plain formula skips those (Swin-T training step: see docs/performance.md)
+            attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+            if self.training and self.attn_drop > 0:
+                attn = F.dropout(attn, self.attn_drop)
+            o = attn @ v
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                               dropout_p=self.attn_drop if self.training else 0.0)
         o = o.view(B, nW, heads, n, d).transpose(2, 3).reshape(B, Hp // win[0], Wp // win[1], win[0], win[1], C)
         o = o.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
         if any(shift):

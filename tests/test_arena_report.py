@@ -195,3 +195,13 @@ def test_gmacs_formatting():
     assert _fmt_gmacs(4.49) == "4.490"
     assert _fmt_gmacs(0.00012) == "1.20e-04"
     assert _fmt_gmacs(None) == "\u2014"
+
+
+def test_colours_are_distinct_and_table_text_readable():
+    from mixlab.arena.report import _colours, _readable
+    for n in (3, 8, 11, 19):
+        cols = _colours(n)
+        assert len(cols) == n and len({tuple(c) for c in cols}) == n
+        for c in cols:
+            r, g, b = _readable(c)[:3]
+            assert 0.2126 * r + 0.7152 * g + 0.0722 * b <= 0.45 + 1e-9  # dark enough on white

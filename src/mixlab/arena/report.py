@@ -132,8 +132,20 @@ def _csv(ranked: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- plots
 def _colours(n: int) -> list:
-    cmap = colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
+    """One colour per model: tab10's ten, then (more than ten models) tab20's light shades of them."""
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    cmap = colormaps["tab20"]
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))  # tab20 pairs (dark, light): the dark ones first
+    return [cmap(order[i % 20]) for i in range(n)]
+
+
+def _readable(colour) -> tuple:
+    """The colour darkened as far as needed to read as text on white (tab20's light shades are pale)."""
+    r, g, b = colour[:3]
+    luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    f = min(1.0, 0.45 / luminance) if luminance > 0 else 1.0
+    return (r * f, g * f, b * f, 1.0)
 
 
 def _text(s) -> str:
@@ -244,7 +256,7 @@ def _overview(title: str, summary: str, ranked: list[dict], results: list[dict],
         table[0, 1].set_text_props(ha="left")
         for i, r in enumerate(ranked, start=1):
             cell = table[i, 1]
-            cell.get_text().set_color(colour_of[id(r)])
+            cell.get_text().set_color(_readable(colour_of[id(r)]))
             cell.get_text().set_fontweight("bold")
             cell.set_text_props(ha="left")
         table.auto_set_column_width(list(range(len(header))))

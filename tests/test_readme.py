@@ -89,3 +89,17 @@ def test_readme_fashion_mnist_rows_are_the_committed_runs():
         summary = json.loads((results / "runs" / cells[0] / "seed0" / "summary.json").read_text())
         assert float(cells[1]) == round(summary["top1"], 2) and summary["data"] == "fashion-mnist"
         assert summary["epochs"] == 10 and float(cells[2]) == round(summary["params"] / 1e6, 2)
+
+
+def test_readme_zoo_arena_figures_are_the_committed_report():
+    """The nano-zoo figures quoted in the README are rows of the committed report, which ranks
+    exactly the nano-zoo line-up."""
+    from mixlab.models.nano import NANO_ZOO_SPECS
+    report = ROOT / "docs" / "arena-digits-zoo"
+    results = json.loads((report / "results.json").read_text())
+    rows = {r["model"]: r for r in results["results"]}
+    assert sorted(rows) == sorted(NANO_ZOO_SPECS)
+    assert results["config"]["data"] == "digits" and results["environment"]["cpu cores"] == "2"
+    for name, label in (("nano_dwnet", "DWNet"), ("nano_replknet", "RepLKNet"), ("nano_shiftvit", "ShiftViT"),
+                        ("nano_resmlp", "ResMLP's single linear token layer last at")):
+        assert f"{label} {rows[name]['top1_mean']:.2f}%" in README, name

@@ -60,10 +60,28 @@ def _list_spec_mixers(args) -> int:
     return 0
 
 
+def _model_options(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items (values parsed as YAML) -> keyword arguments of ``create_model``."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or "." in key:
+            raise ValueError(f"--set {item!r} must look like KEY=VALUE with KEY a create_model argument "
+                             "(e.g. context=nonlocal, context_stages=[2,3])")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
 def cmd_info(args) -> int:
     from .analysis import profile_model
 
-    kwargs = {}
+    kwargs = _model_options(args.set or [])
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
     prof = profile_model(args.model, img_size=args.img_size, in_chans=args.in_chans, **kwargs)
@@ -71,7 +89,8 @@ def cmd_info(args) -> int:
         print(json.dumps(prof.to_dict(), indent=2, default=list))
         return 0
     c, h, w = prof.input_size
-    print(f"{args.model}   input {c}x{h}x{w}")
+    options = "".join(f"  {item}" for item in args.set or [])
+    print(f"{args.model}{options}   input {c}x{h}x{w}")
     print(f"parameters: {prof.mparams:.2f}M ({prof.params:,})")
     print(f"GMACs:      {prof.gmacs:.2f} (multiply-adds, fvcore convention, attention matmuls included)")
     rows = []
@@ -237,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--img-size", type=int, default=None, help="input size (default: the model's own)")
     s.add_argument("--in-chans", type=int, default=None, help="input channels (default 3)")
     s.add_argument("--num-classes", type=int, default=None, help="classes of the head (default 1000)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a keyword argument of create_model, the value parsed as YAML (repeatable), "
+                        "e.g. --set context=gc --set context_stages=[1,2,3]")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_info)
 

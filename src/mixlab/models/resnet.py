@@ -8,8 +8,20 @@ import torch
 import torch.nn as nn
 
 from ..layers import ClassifierHead, DropPath, ResNetStem, stochastic_depth_rates
+from ..layers.context import context_spec
 from ..registry import register_model
 from .base import HierarchicalModel, Stage, build
+
+
+class _ContextStage(Stage):
+    """A stage followed by a context module (``context`` option of :class:`ResNet`)."""
+
+    def __init__(self, downsample, blocks, context: nn.Module):
+        super().__init__(downsample, blocks)
+        self.context = context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.context(super().forward(x))
 
 
 class _ResidualConvBlock(nn.Module):
@@ -56,12 +68,14 @@ class BasicBlock(_ResidualConvBlock):
 
 
 class Bottleneck(_ResidualConvBlock):
-    """1x1 reduce, 3x3 (stride here, ResNet v1.5), 1x1 expand (x4), each with BatchNorm."""
+    """1x1 reduce, 3x3 (stride here, ResNet v1.5), 1x1 expand (x4), each with BatchNorm;
+    ``context(out_chs)``, if given, makes a context module applied to the branch's output
+    before the residual addition (where SE and GC blocks go; channels-last in and out)."""
 
     expansion = 4
     fuse_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
-    def __init__(self, in_chs: int, planes: int, stride: int = 1, drop_path: float = 0.0):
+    def __init__(self, in_chs: int, planes: int, stride: int = 1, drop_path: float = 0.0, context=None):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chs, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -70,36 +84,61 @@ class Bottleneck(_ResidualConvBlock):
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         nn.init.zeros_(self.bn3.weight)  # zero-init the last BN of each residual branch
+        self.context = context(planes * self.expansion) if context is not None else None
         self._add_residual(in_chs, planes * self.expansion, stride, drop_path)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.bn1(self.conv1(x)))
         y = self.act(self.bn2(self.conv2(y)))
-        return self.bn3(self.conv3(y))
+        y = self.bn3(self.conv3(y))
+        if self.context is not None:
+            y = self.context(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return y
 
 
 class ResNet(HierarchicalModel):
     """ResNet with bottleneck blocks: 7x7/2 stem + max pool, four stages (the first block
-    of stages 2-4 strides by 2), global average pooling, classifier."""
+    of stages 2-4 strides by 2), global average pooling, classifier.
+
+    Global context modules (:mod:`mixlab.layers.context`: se, ge, ge_theta, bam, nonlocal,
+    crisscross, gc) are inserted with ``context=NAME``; ``context_stages`` (0-based stage
+    indices, default: the module's paper placement), ``context_placement`` ('block': inside
+    every bottleneck of those stages, before the residual addition; 'stage': after the last
+    block of each of those stages) and ``context_args`` (the module's keyword arguments,
+    e.g. ``{"ratio": 0.25}`` for gc). Context modules keep their own initialisation.
+    """
 
     def __init__(self, img_size=224, in_chans: int = 3, num_classes: int = 1000, depths=(3, 4, 6, 3),
                  widths=(64, 128, 256, 512), stem_width: int = 64, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0):
+                 drop_path_rate: float = 0.0, context: str | None = None, context_stages=None,
+                 context_placement: str | None = None, context_args: dict | None = None):
+        ctx = context_spec(context, context_stages, context_placement, len(depths), context_args)
+        made: list[nn.Module] = []
+
+        def make(dim: int) -> nn.Module:
+            made.append(ctx.make(dim))
+            return made[-1]
+
         dpr = stochastic_depth_rates(drop_path_rate, depths)
-        stages, info = [], []
+        stages, info, mixers = [], [], []
         prev = stem_width
         for i, (w, depth) in enumerate(zip(widths, depths)):
+            here = ctx is not None and i in ctx.stages
             blocks = []
             for j in range(depth):
-                blocks.append(Bottleneck(prev, w, stride=2 if (i > 0 and j == 0) else 1, drop_path=dpr[i][j]))
+                blocks.append(Bottleneck(prev, w, stride=2 if (i > 0 and j == 0) else 1, drop_path=dpr[i][j],
+                                         context=make if here and ctx.placement == "block" else None))
                 prev = w * Bottleneck.expansion
-            stages.append(Stage(None, blocks))
+            stages.append(_ContextStage(None, blocks, make(prev)) if here and ctx.placement == "stage"
+                          else Stage(None, blocks))
             info.append(dict(num_chs=prev, reduction=4 * 2 ** i, module=f"stages.{i}"))
+            mixers.append("dense conv 3x3 (bottleneck)" + (f" + {ctx.describe()}" if here else ""))
         super().__init__(in_chans, num_classes, img_size, stem=ResNetStem(in_chans, stem_width), stages=stages,
                          norm=nn.Identity(), head=ClassifierHead(prev, num_classes, pool="avg", drop_rate=drop_rate),
-                         feature_info=info, stage_mixers=["dense conv 3x3 (bottleneck)"] * len(depths))
+                         feature_info=info, stage_mixers=mixers)
+        own = {id(m) for c in made for m in c.modules()}
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d) and id(m) not in own:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 

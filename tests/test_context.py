@@ -1,0 +1,307 @@
+"""Global context modules for CNNs (mixlab.layers.context, mixlab.mixers.context) and their
+insertion into ResNet: shapes, gradients, the mixer contract, criss-cross against a brute-force
+loop, identity at init, overheads on ResNet-50 (meta device) and the `mixlab info --set` option."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from mixlab import create_model
+from mixlab.analysis import profile_model
+from mixlab.cli import main
+from mixlab.layers.context import (BAM, CONTEXT_MODULES, GatherExcite, SqueezeExcite, context_spec)
+from mixlab.mixers.base import aggregate, flatten_tokens
+from mixlab.mixers.context import CrissCrossAttention, GlobalContextBlock, NonLocalBlock
+from mixlab.models.resnet import ResNet
+
+FACTORIES = {
+    "se": lambda c: SqueezeExcite(c),
+    "ge": lambda c: GatherExcite(c),
+    "ge_extent2": lambda c: GatherExcite(c, extent=2),
+    "ge_theta": lambda c: GatherExcite(c, extent=4, param=True),
+    "bam": lambda c: BAM(c),
+    "nonlocal": lambda c: NonLocalBlock(c),
+    "crisscross": lambda c: CrissCrossAttention(c),
+    "crisscross_r2": lambda c: CrissCrossAttention(c, recurrence=2),
+    "gc": lambda c: GlobalContextBlock(c),
+}
+
+
+def _wake(m: torch.nn.Module) -> torch.nn.Module:
+    """Randomise the zero-initialised parameters (NL's BN γ, CC's γ, GC's last layer) so that
+    gradients reach every parameter and the blocks are not the identity."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, NonLocalBlock):
+                mod.proj[1].weight.copy_(torch.rand(mod.proj[1].weight.shape, generator=g) + 0.5)
+            if isinstance(mod, CrissCrossAttention):
+                mod.gamma.fill_(0.7)
+            if isinstance(mod, GlobalContextBlock):
+                last = mod.transform[-1]
+                last.weight.copy_(torch.randn(last.weight.shape, generator=g) * 0.1)
+                last.bias.copy_(torch.randn(last.bias.shape, generator=g) * 0.1)
+    return m
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+@pytest.mark.parametrize("hw", [(8, 8), (6, 10)])
+def test_module_shape_and_gradients(name, hw):
+    torch.manual_seed(0)
+    m = _wake(FACTORIES[name](32))
+    x = torch.randn(2, *hw, 32, requires_grad=True)
+    y = m(x)
+    assert y.shape == x.shape
+    (y * torch.randn_like(y)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for pname, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: {pname} gets no gradient"
+    if name.startswith("ge") and name != "ge_theta":
+        assert sum(p.numel() for p in m.parameters()) == 0  # GE-θ⁻ is parameter-free
+
+
+def test_rejects_nchw_or_tokens():
+    with pytest.raises(ValueError, match="channels-last"):
+        NonLocalBlock(8)(torch.randn(2, 8, 4))
+    with pytest.raises(ValueError, match="power of two"):
+        GatherExcite(8, extent=3, param=True)
+
+
+# -- the mixer contract -------------------------------------------------------------------------
+MIXERS = {"nonlocal": lambda c: NonLocalBlock(c), "crisscross": lambda c: CrissCrossAttention(c),
+          "crisscross_r2": lambda c: CrissCrossAttention(c, recurrence=2), "gc": lambda c: GlobalContextBlock(c)}
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
+def test_mixer_contract(name):
+    torch.manual_seed(0)
+    m = _wake(MIXERS[name](16)).double().eval()
+    x = torch.randn(2, 5, 7, 16, dtype=torch.float64)
+    A = m.affinity(x)
+    N = 35
+    assert A.shape == (2, 1, N, N)
+    assert m.affinity_kind == "dynamic"
+    torch.testing.assert_close(A.sum(-1), torch.ones(2, 1, N, dtype=torch.float64))
+    assert m.values(x).shape[:2] == (2, N)
+    torch.testing.assert_close(m.explicit_forward(x), m(x), rtol=1e-10, atol=1e-10)
+    assert m.exact_av == (name != "crisscross_r2")
+    if m.exact_av:  # a single pass: forward is project(A·V) literally
+        torch.testing.assert_close(m.project(aggregate(A, m.values(x)), x), m(x), rtol=1e-10, atol=1e-10)
+
+
+def test_criss_cross_affinity_is_row_and_column():
+    torch.manual_seed(0)
+    H, W = 4, 6
+    m = _wake(CrissCrossAttention(16)).double()
+    A = m.affinity(torch.randn(2, H, W, 16, dtype=torch.float64))[:, 0]
+    hs, ws = torch.arange(H).repeat_interleave(W), torch.arange(W).repeat(H)
+    cross = (hs[:, None] == hs[None, :]) | (ws[:, None] == ws[None, :])  # (N, N): same row or same column
+    assert (A[:, ~cross] == 0).all()
+    assert (A[:, cross] > 0).all()
+    assert (cross.sum(-1) == H + W - 1).all()
+
+
+def test_criss_cross_matches_brute_force_loop():
+    torch.manual_seed(0)
+    H, W, C = 3, 5, 16
+    m = _wake(CrissCrossAttention(C)).double()
+    x = torch.randn(2, H, W, C, dtype=torch.float64)
+    xc = x.permute(0, 3, 1, 2)
+    q, k, v = m.query(xc), m.key(xc), m.value(xc)
+    out = torch.empty_like(x)
+    for b in range(2):
+        for i in range(H):
+            for j in range(W):
+                keys = [(r, j) for r in range(H) if r != i] + [(i, c) for c in range(W)]  # H + W - 1 positions
+                e = torch.stack([q[b, :, i, j] @ k[b, :, r, c] for r, c in keys])
+                a = e.softmax(0)
+                agg = sum(a[n] * v[b, :, r, c] for n, (r, c) in enumerate(keys))
+                out[b, i, j] = x[b, i, j] + m.gamma * agg
+    torch.testing.assert_close(m(x), out, rtol=1e-10, atol=1e-10)
+
+
+def test_global_context_affinity_rows_are_one_softmax_map():
+    torch.manual_seed(0)
+    m = _wake(GlobalContextBlock(16)).double()
+    x = torch.randn(2, 4, 6, 16, dtype=torch.float64)
+    A = m.affinity(x)
+    torch.testing.assert_close(A, A[:, :, :1].expand_as(A))  # every query has the same row
+    torch.testing.assert_close(A[:, 0, 0], m.attn(x.permute(0, 3, 1, 2)).flatten(1).softmax(-1))
+    assert torch.linalg.matrix_rank(A[0, 0]) == 1
+
+
+def test_gather_excite_global_gather_is_uniform_av():
+    torch.manual_seed(0)
+    m = GatherExcite(16)
+    x = torch.randn(2, 6, 10, 16, dtype=torch.float64)
+    A = m.gather_affinity(x)
+    assert A.shape == (2, 1, 60, 60) and torch.all(A == 1 / 60)
+    gathered = aggregate(A, flatten_tokens(x)).reshape(x.shape)
+    torch.testing.assert_close(gathered, x.mean(dim=(1, 2), keepdim=True).expand_as(x))
+    torch.testing.assert_close(m(x), x * gathered.sigmoid())
+    with pytest.raises(NotImplementedError):
+        GatherExcite(16, extent=2).gather_affinity(x)
+
+
+@pytest.mark.parametrize("cls", [NonLocalBlock, CrissCrossAttention, GlobalContextBlock])
+def test_residual_blocks_are_identity_at_init(cls):
+    torch.manual_seed(0)
+    kw = {"recurrence": 2} if cls is CrissCrossAttention else {}
+    m = cls(32, **kw)
+    x = torch.randn(2, 6, 10, 32)
+    torch.testing.assert_close(m(x), x, rtol=0, atol=0)
+
+
+def test_se_and_bam_are_the_papers_gates():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 4, 32)
+    se = SqueezeExcite(32)
+    s = torch.sigmoid(se.fc2(torch.relu(se.fc1(x.mean((1, 2))))))
+    torch.testing.assert_close(se(x), x * s[:, None, None])
+    bam = BAM(32).eval()
+    att = bam.attention(x)
+    assert att.shape == x.shape
+    torch.testing.assert_close(bam(x), x + x * att)
+    assert bam.spatial[3].dilation == (4, 4) and bam.spatial[6].dilation == (4, 4)
+
+
+# -- insertion into ResNet ----------------------------------------------------------------------
+def _tiny(**kw):
+    return ResNet(depths=(1, 1, 1, 1), widths=(8, 16, 16, 16), stem_width=8, num_classes=5, **kw)
+
+
+# every module after a stage; inside every bottleneck those the papers put there (and one mixer)
+INSERTIONS = ([(n, "stage") for n in CONTEXT_MODULES]
+              + [(n, "block") for n in ("se", "ge", "ge_theta", "gc", "nonlocal")])
+
+
+@pytest.mark.parametrize("name,placement", INSERTIONS)
+def test_insertion_into_tiny_resnet(name, placement):
+    torch.manual_seed(0)
+    model = _wake(_tiny(context=name, context_stages=(1, 3), context_placement=placement))
+    ctx_keys = [k for k in model.state_dict() if ".context." in k]
+    if name not in ("ge",):  # GE-θ⁻ has no parameters
+        assert ctx_keys and all(k.startswith(("stages.1.", "stages.3.")) for k in ctx_keys)
+        if placement == "block":
+            assert all(".blocks.0.context." in k for k in ctx_keys)
+        else:
+            assert all(k.split(".")[2] == "context" for k in ctx_keys)
+    x = torch.randn(2, 3, 32, 32)
+    y = model(x)
+    assert y.shape == (2, 5)
+    y.sum().backward()
+    for k, p in model.named_parameters():
+        if ".context." in k:
+            assert p.grad is not None, k
+    assert "+ " + name in model.stage_mixers[1] and "+" not in model.stage_mixers[0]
+    feats = model.forward_intermediates(x)
+    assert [f.shape[1] for f in feats] == [32, 64, 64, 64]
+
+
+def test_context_keeps_its_own_init():
+    torch.manual_seed(0)
+    model = _tiny(context="gc")
+    for blk in (s.blocks[0] for s in model.stages):
+        assert torch.all(blk.context.transform[-1].weight == 0)
+    torch.manual_seed(0)
+    model = _tiny(context="nonlocal", context_stages=[2])
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    plain = _tiny()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if ".context." not in k})
+    model.eval(), plain.eval()
+    torch.testing.assert_close(model(x), plain(x))  # zero-init W_z BN: the block is the identity
+
+
+@pytest.mark.parametrize("name", ["bam", "nonlocal", "ge_theta"])
+def test_fuse_folds_context_batchnorms(name):
+    torch.manual_seed(0)
+    model = _wake(_tiny(context=name, context_placement="stage")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    y = model(x)
+    torch.testing.assert_close(model.fuse()(x), y, rtol=1e-5, atol=1e-5)
+
+
+# the fingerprint of resnet50 built by the code before context modules existed (git HEAD, seed 0)
+RESNET50_KEYS_SHA256 = "2e00a587a9b048c7c4f41f7dc4222ea491e5c14b5f26d591618d9a69e4da5a77"
+RESNET50_SUMSQ_SEED0 = 83386.7592754703
+
+
+def test_plain_resnet50_is_unchanged():
+    torch.manual_seed(0)
+    model = create_model("resnet50")
+    sd = model.state_dict()
+    assert len(sd) == 320
+    assert sum(p.numel() for p in model.parameters()) == 25_557_032
+    keys = hashlib.sha256("\n".join(f"{k}:{tuple(v.shape)}" for k, v in sd.items()).encode()).hexdigest()
+    assert keys == RESNET50_KEYS_SHA256
+    sumsq = sum(float(v.double().pow(2).sum()) for v in sd.values() if v.is_floating_point())
+    assert sumsq == pytest.approx(RESNET50_SUMSQ_SEED0, rel=1e-9)
+    assert all(b.context is None for s in model.stages for b in s.blocks)
+    assert model.stage_mixers == ["dense conv 3x3 (bottleneck)"] * 4
+
+
+def _blocks_chs():
+    return [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3  # output channels of resnet50's bottlenecks
+
+
+BASE = 25_557_032
+
+
+def test_overheads_on_resnet50_meta():
+    stage_chs = (256, 512, 1024, 2048)
+    cases = [
+        # SE-ResNet-50, r = 16 in every bottleneck: 28.09M in the SE paper
+        (dict(context="se"), sum(2 * c * (c // 16) + c // 16 + c for c in _blocks_chs())),
+        (dict(context="ge"), 0),
+        # BAM after stages 0-2 (i = C/16): channel MLP 2Ci + 2i + C (BN1d incl.), spatial Ci + 18i² + 7i + 1
+        (dict(context="bam"), sum(3 * c * (c // 16) + 18 * (c // 16) ** 2 + 9 * (c // 16) + c + 1
+                                   for c in stage_chs[:3])),
+        # one non-local block after res4 (the seed's "+Non-Local, stage 4": +2.09M)
+        (dict(context="nonlocal", context_stages=(2,)), 4 * 1024 * 512 + 2 * 512 + 2 * 1024),
+        # criss-cross after res3, res4, res5 (the seed's "+CCNet, 345": +6.88M)
+        (dict(context="crisscross", context_stages=(1, 2, 3)),
+         sum(2 * c * (c // 8) + c // 8 + c * c + c + 1 for c in stage_chs[1:])),
+        # GC r4 in every bottleneck of res3-res5 (the seed's "+GCNet": +10.0M)
+        (dict(context="gc", context_stages=(1, 2, 3), context_args={"ratio": 0.25}),
+         sum(c + 2 * c * (c // 4) + c // 4 + 2 * (c // 4) + c for c in _blocks_chs()[3:])),
+    ]
+    for kw, extra in cases:
+        with torch.device("meta"):
+            model = create_model("resnet50", **kw)
+        assert sum(p.numel() for p in model.parameters()) == BASE + extra, kw
+    # MACs of the non-local block at 14x14: four 1x1 convs (C x C/2) and two N x N x C/2 products
+    plain, nl = profile_model("resnet50"), profile_model("resnet50", context="nonlocal", context_stages=[2])
+    n, c = 14 * 14, 1024
+    assert nl.macs - plain.macs == 4 * n * c * (c // 2) + 2 * n * n * (c // 2)
+
+
+def test_option_errors_are_clear():
+    with pytest.raises(ValueError, match=r"unknown context module 'senet'.*se, ge, ge_theta, bam, nonlocal"):
+        create_model("resnet50", context="senet")
+    with pytest.raises(ValueError, match=r"context stage 4 is out of range.*4 stages \(0\.\.3\)"):
+        _tiny(context="se", context_stages=[1, 4])
+    with pytest.raises(ValueError, match="need a context module"):
+        _tiny(context_stages=[1])
+    with pytest.raises(ValueError, match="unknown context_placement"):
+        _tiny(context="se", context_placement="everywhere")
+    with pytest.raises(TypeError, match="context_stage"):  # a misspelt option: build() suggests the name
+        create_model("resnet50", context_stage=[1])
+    assert context_spec("gc", -1).stages == (3,)
+
+
+def test_info_set_passes_model_options(capsys):
+    assert main(["info", "resnet50", "--set", "context=nonlocal", "--set", "context_stages=[2]", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["params"] == BASE + 4 * 1024 * 512 + 2 * 512 + 2 * 1024
+    assert "nonlocal" in [p for p in d["parts"] if p["name"] == "stages.2"][0]["mixer"]
+    assert main(["info", "resnet50", "--set", "context=gc", "--set", "context_args={ratio: 0.25}"]) == 0
+    out = capsys.readouterr().out
+    assert "context=gc" in out.splitlines()[0] and "gc in every block" in out
+    assert main(["info", "resnet50", "--set", "context=se", "--set", "context_stages=[7]"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert main(["info", "resnet50", "--set", "context"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """Named architectures. Importing this package registers every model."""
 from . import container, convnext, mlp_mixer, nano, poolformer, resnet, swin, vit  # noqa: F401
-from . import (cyclemlp, dwnet, efficientformer, gfnet, gmlp, replknet, resmlp, s2mlp, shiftvit,  # noqa: F401
-               vip)
+from . import (cait, convit, cyclemlp, dwnet, efficientformer, gfnet, gmlp, replknet, resmlp, s2mlp,  # noqa: F401
+               shiftvit, vip)
 from .base import FeatureExtractor, HierarchicalModel, MixlabModel, Stage
 from .blocks import MetaBlock
 

@@ -74,9 +74,16 @@ NANO_ZOO_SPECS: dict[str, str] = {
                              " / meta3d:1x160:downsample=none,heads=4,key_dim=32"),
 }
 
+#: nano models of families whose blocks are not spec mixers, registered in their own modules
+#: (CaiT's class-attention stage, ConViT's locally initialised GPSA)
+NANO_ZOO_CLASSES: tuple[str, ...] = ("nano_cait", "nano_convit")
+
 #: the arena's names for line-ups
-LINE_UPS: dict[str, tuple[str, ...]] = {"nano": tuple(NANO_SPECS), "nano-zoo": tuple(NANO_ZOO_SPECS),
-                                        "nano-all": tuple(NANO_SPECS) + tuple(NANO_ZOO_SPECS)}
+LINE_UPS: dict[str, tuple[str, ...]] = {
+    "nano": tuple(NANO_SPECS),
+    "nano-zoo": tuple(NANO_ZOO_SPECS) + NANO_ZOO_CLASSES,
+    "nano-all": tuple(NANO_SPECS) + tuple(NANO_ZOO_SPECS) + NANO_ZOO_CLASSES,
+}
 
 _DEFAULTS = dict(img_size=32, in_chans=3, num_classes=10)
 

@@ -94,12 +94,12 @@ def test_readme_fashion_mnist_rows_are_the_committed_runs():
 def test_readme_zoo_arena_figures_are_the_committed_report():
     """The nano-zoo figures quoted in the README are rows of the committed report, which ranks
     exactly the nano-zoo line-up."""
-    from mixlab.models.nano import NANO_ZOO_SPECS
+    from mixlab.arena import expand_models
     report = ROOT / "docs" / "arena-digits-zoo"
     results = json.loads((report / "results.json").read_text())
     rows = {r["model"]: r for r in results["results"]}
-    assert sorted(rows) == sorted(NANO_ZOO_SPECS)
+    assert sorted(rows) == sorted(expand_models(["nano-zoo"]))
     assert results["config"]["data"] == "digits" and results["environment"]["cpu cores"] == "2"
     for name, label in (("nano_dwnet", "DWNet"), ("nano_replknet", "RepLKNet"), ("nano_shiftvit", "ShiftViT"),
-                        ("nano_resmlp", "ResMLP's single linear token layer last at")):
+                        ("nano_convit", "ConViT"), ("nano_cait", "CaiT")):
         assert f"{label} {rows[name]['top1_mean']:.2f}%" in README, name

@@ -18,6 +18,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from ..layers.helpers import to_2tuple
+
 
 def build(cls, defaults: dict, overrides: dict) -> nn.Module:
     """Instantiate ``cls(**defaults | overrides)``, rejecting unknown arguments clearly."""
@@ -46,13 +48,15 @@ class Stage(nn.Module):
         return self.blocks(self.downsample(x))
 
 
-def patch_grid(img_size, patch_size: int) -> tuple[int, int]:
-    """The (H, W) token grid of ``img_size`` cut into ``patch_size`` patches, for models whose
-    layers are built for it (token-mixing layers, global filters); a ValueError if it does not divide."""
-    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    if h % patch_size or w % patch_size:
-        raise ValueError(f"img_size {(h, w)} is not divisible by the patch size {patch_size}")
-    return h // patch_size, w // patch_size
+def patch_grid(img_size, patch_size) -> tuple[int, int]:
+    """The (H, W) token grid of ``img_size`` cut into ``patch_size`` patches (an int or a pair),
+    for models whose layers are built for it (position embeddings, token-mixing layers, global
+    filters); a ValueError if it does not divide."""
+    (h, w), (ph, pw) = to_2tuple(img_size), to_2tuple(patch_size)
+    if h % ph or w % pw:
+        patch = ph if ph == pw else (ph, pw)
+        raise ValueError(f"img_size {(h, w)} is not divisible by the patch size {patch}; use a multiple of {patch}")
+    return h // ph, w // pw
 
 
 def init_weights_mixer(model: nn.Module) -> None:

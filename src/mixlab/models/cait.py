@@ -43,7 +43,7 @@ from ..layers import AbsolutePosEmbed, ClassifierHead, DropPath, LayerScale, Mlp
 from ..mixers.talking_heads import ClassAttention, TalkingHeadsAttention
 from ..registry import register_model
 from ..weights.convert import register_layout
-from .base import MixlabModel, build, init_weights_vit
+from .base import MixlabModel, build, init_weights_vit, patch_grid
 from .blocks import MetaBlock
 
 __all__ = ["Cait", "ClassAttentionBlock", "TIMM_RULES"]
@@ -101,11 +101,7 @@ class Cait(MixlabModel):
             raise ValueError("global_pool='token' needs class-attention blocks (depth_token_only >= 1); "
                              "use global_pool='avg' without them")
         self.patch_size = to_2tuple(patch_size)
-        for s, p in zip(self.img_size, self.patch_size):
-            if s % p:
-                raise ValueError(f"img_size {self.img_size} is not divisible by the patch size {self.patch_size}; "
-                                 f"use a multiple of {p}")
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.grid_size = patch_grid(self.img_size, self.patch_size)
         self.embed_dim = self.num_features = embed_dim
         self.num_prefix_tokens = 1
         self.min_input_size = max(self.patch_size)

@@ -37,7 +37,7 @@ from ..mixers import Attention
 from ..mixers.gpsa import GatedPositionalAttention
 from ..registry import register_model
 from ..weights.convert import register_layout
-from .base import MixlabModel, build, init_weights_vit
+from .base import MixlabModel, build, init_weights_vit, patch_grid
 from .blocks import MetaBlock
 
 __all__ = ["ConViT", "TIMM_RULES"]
@@ -60,11 +60,7 @@ class ConViT(MixlabModel):
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.patch_size = to_2tuple(patch_size)
-        for s, p in zip(self.img_size, self.patch_size):
-            if s % p:
-                raise ValueError(f"img_size {self.img_size} is not divisible by the patch size {self.patch_size}; "
-                                 f"use a multiple of {p}")
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.grid_size = patch_grid(self.img_size, self.patch_size)
         self.embed_dim = self.num_features = embed_dim
         self.local_up_to_layer = local_up_to_layer
         self.num_prefix_tokens = 1

@@ -15,7 +15,7 @@ import torch.nn as nn
 from ..layers import AbsolutePosEmbed, ClassifierHead, PatchEmbed, stochastic_depth_rates, to_2tuple
 from ..mixers import Attention
 from ..registry import register_model
-from .base import MixlabModel, build, init_weights_vit
+from .base import MixlabModel, build, init_weights_vit, patch_grid
 from .blocks import MetaBlock
 
 
@@ -32,10 +32,7 @@ class VisionTransformer(MixlabModel):
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         self.patch_size = to_2tuple(patch_size)
-        for s, p in zip(self.img_size, self.patch_size):
-            if s % p:
-                raise ValueError(f"img_size {self.img_size} is not divisible by the patch size {self.patch_size}")
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.grid_size = patch_grid(self.img_size, self.patch_size)
         self.embed_dim = self.num_features = embed_dim
         self.distilled = distilled
         self.distilled_training = False

@@ -4,11 +4,13 @@ A spatial mixer moves information between positions. Each mixer in mixlab has
 
 * ``forward(x)``: the fast path on a channels-last (B, H, W, C) map (global attention
   also takes a (B, N, C) token sequence, which may carry class tokens);
-* ``affinity(x)``: the aggregation matrix A, shape (B, G, N, N), for this input. The
-  G groups split the channels of V evenly: channel c of V is aggregated with
-  ``A[:, c // (C // G)]``. Attention has G = heads, a depthwise convolution G = C (one
-  Toeplitz matrix per channel), pooling and token MLPs G = 1 or C;
-* ``values(x)``: V = X·W_v, shape (B, N, C_v), the features that A aggregates;
+* ``affinity(x)``: the aggregation matrix A, shape (B, G, N, M), for this input: N output
+  positions, M value positions (M = N for most mixers; fewer where keys and values come
+  from a reduced map, as in PVT's spatial-reduction attention). The G groups split the
+  channels of V evenly: channel c of V is aggregated with ``A[:, c // (C // G)]``.
+  Attention has G = heads, a depthwise convolution G = C (one Toeplitz matrix per
+  channel), pooling and token MLPs G = 1 or C;
+* ``values(x)``: V = X·W_v, shape (B, M, C_v), the features that A aggregates;
 * ``project(y, x)``: the output transform W applied to the aggregated (B, N, C_v)
   features, returned in the layout of ``x``;
 * ``explicit_forward(x)``: ``project(aggregate(affinity(x), values(x)), x)``, the
@@ -36,12 +38,14 @@ def flatten_tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 def aggregate(A: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """Apply a grouped affinity A (B, G, N, N) to values V (B, N, C): returns (B, N, C)."""
-    B, G, N, _ = A.shape
+    """Apply a grouped affinity A (B, G, N, M) to values V (B, M, C): returns (B, N, C)."""
+    B, G, N, M = A.shape
     C = V.shape[-1]
     if C % G:
         raise ValueError(f"{C} value channels cannot be split into {G} affinity groups")
-    Vg = V.reshape(B, N, G, C // G).transpose(1, 2)
+    if V.shape[1] != M:
+        raise ValueError(f"the affinity reads {M} value positions but {V.shape[1]} values were given")
+    Vg = V.reshape(B, M, G, C // G).transpose(1, 2)
     return (A @ Vg).transpose(1, 2).reshape(B, N, C)
 
 

@@ -237,6 +237,129 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _analysis_models(args, **kwargs) -> list[tuple]:
+    """The (model, label, data) triples an analysis command names: MODEL arguments paired in order
+    with --checkpoint ones (a run directory alone stands for its model)."""
+    from .analysis.common import load_model
+
+    names, ckpts = list(args.models), list(args.checkpoint or [])
+    if not names and not ckpts:
+        raise ValueError("name at least one model (see `mixlab list`) or give --checkpoint RUN_DIR")
+    if names and ckpts and len(names) != len(ckpts):
+        raise ValueError(f"{len(names)} model(s) but {len(ckpts)} --checkpoint(s): give one checkpoint per model, "
+                         f"in the same order, or none (random initialisation)")
+    pairs = list(zip(names, ckpts)) if names and ckpts else [(n, None) for n in names] or [(None, c) for c in ckpts]
+    import torch
+
+    out = []
+    for n, c in pairs:
+        torch.manual_seed(args.seed)  # the same random weights for the same command
+        out.append(load_model(n, c, **(kwargs if c is None or n is not None else {})))
+    return out
+
+
+def _random_model_kwargs(args) -> dict:
+    """create_model arguments of an analysis command for models without a run: --set, --img-size, and
+    the channels of --data."""
+    kwargs = _model_options(args.set or [])
+    if args.img_size is not None:
+        kwargs["img_size"] = args.img_size
+    if getattr(args, "data", None):
+        from .data import build_datasets
+        kwargs.setdefault("in_chans", build_datasets(args.data, root=args.data_root)[2].in_chans)
+    return kwargs
+
+
+def _report_written(command: str, written: dict) -> None:
+    out = Path(next(iter(written.values()))).parent
+    print(f"mixlab {command}: wrote {', '.join(sorted(p.name for p in written.values()))} to {out}/")
+
+
+def cmd_erf(args) -> int:
+    from .analysis.common import analysis_images, write_outputs
+    from .analysis.erf import effective_receptive_field, plot_erf
+
+    results = []
+    for model, label, data in _analysis_models(args, **_random_model_kwargs(args)):
+        dname, droot = (args.data, args.data_root) if args.data else (data.get("name"), data.get("root"))
+        images, _ = analysis_images(model, dname, droot, num_images=args.images, seed=args.seed)
+        r = effective_receptive_field(model, images, batch_size=args.batch_size, name=label)
+        results.append(r)
+        ratios = "  ".join(f"t={t}: {100 * v:.1f}%" for t, v in r.area_ratio.items())
+        print(f"{label}: {r.images} {'images of ' + dname if dname else 'noise images'}, input "
+              f"{tuple(r.contribution.shape)}, area ratio {ratios}")
+    payload = {"command": "erf", "data": args.data or "run's data or Gaussian noise",
+               "results": [r.to_dict() for r in results]}
+    written = write_outputs(args.out, "erf.json", payload, {"erf.png": plot_erf(results)})
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    _report_written("erf", written)
+    return 0
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers such as 64,128,256, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+def cmd_scale(args) -> int:
+    from .analysis.common import write_outputs
+    from .analysis.scale import measure_scaling, plot_scaling
+    from .registry import create_model
+
+    if not args.models:
+        raise ValueError("name at least one model (see `mixlab list`)")
+    resolutions = _int_list(args.resolutions, "--resolutions")
+    batches = _int_list(args.batch_sizes, "--batch-sizes")
+    kwargs = _model_options(args.set or [])
+    device = args.device
+    if device == "auto":
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = []
+    for name in args.models:
+        build = lambda size, name=name: create_model(name, img_size=size, **kwargs)  # noqa: E731
+        r = measure_scaling(build, resolutions, batches, name=name, device=device, repeats=args.repeats,
+                            in_chans=kwargs.get("in_chans", 3))
+        results.append(r)
+        for p in r.points:
+            cost = (f"{p.latency_ms:9.2f} ms  {p.images_per_s:9.1f} img/s  {p.peak_memory_mb:8.1f} MiB  "
+                    f"{p.macs / 1e9:8.3f} GMACs" if p.error is None else f"not measured: {p.error}")
+            print(f"{name}  {p.resolution:5d}px  batch {p.batch_size:3d}  {cost}")
+        for b, e in r.exponents.items():
+            print(f"{name}  batch {b}: cost ~ N^p in tokens N: MACs p={e['macs']:.2f}, latency p={e['latency']:.2f} "
+                  f"(largest two sizes: {e['latency_tail']:.2f})")
+    payload = {"command": "scale", "device": device, "resolutions": resolutions, "batch_sizes": batches,
+               "repeats": args.repeats, "results": [r.to_dict() for r in results]}
+    written = write_outputs(args.out, "scale.json", payload, {"scale.png": plot_scaling(results)})
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    _report_written("scale", written)
+    return 0
+
+
+def _analysis_arguments(s, default_out: str, data: bool = True) -> None:
+    s.add_argument("models", nargs="*", metavar="MODEL", help="registered names or 'spec:...' strings")
+    s.add_argument("--checkpoint", action="append", metavar="C",
+                   help="weights for the model in the same position: a run directory, a checkpoint file, a "
+                        ".safetensors/.pth file or hf-hub:org/name (repeatable; default: random initialisation)")
+    if data:
+        s.add_argument("--data", help="images from this dataset's validation split (default: the run's "
+                       "dataset for a run, else Gaussian noise)")
+        s.add_argument("--data-root", help="where the dataset's files are")
+    s.add_argument("--img-size", type=int, help="input size to build the models for (default: their own)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a keyword argument of create_model (YAML value; repeatable)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the noise images and of random weights")
+    s.add_argument("--out", default=default_out, help=f"output directory (default {default_out})")
+    s.add_argument("--json", action="store_true", help="also print the JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixlab", description="Vision backbones as context aggregation: build, "
                                 "measure and compare CNNs, ViTs, MLP-Mixers and their hybrids.")
@@ -339,6 +462,31 @@ def build_parser() -> argparse.ArgumentParser:
                    "gives a freshly initialised classifier)")
     s.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("erf", help="effective receptive field of one or more models: heatmaps (PNG) and area "
+                       "ratios (JSON)", description="The gradient of the last stage's central output with "
+                       "respect to the input, aggregated over images (RepLKNet's measurement), drawn side by side "
+                       "for each model, with the high-contribution area ratios at thresholds 0.2, 0.3, 0.5, 0.99.")
+    _analysis_arguments(s, "analysis/erf")
+    s.add_argument("--images", type=int, default=8, help="images to aggregate over (default 8)")
+    s.add_argument("--batch-size", type=int, default=4)
+    s.set_defaults(func=cmd_erf)
+
+    s = sub.add_parser("scale", help="latency, throughput, peak memory and MACs against input resolution and "
+                       "batch size, with the fitted growth exponent in tokens", description="Build each model at "
+                       "each resolution, time its forward pass (the fastest of --repeats, inference mode), track its "
+                       "peak memory, count its MACs, and fit cost ~ N^p in the number of tokens N.")
+    s.add_argument("models", nargs="*", metavar="MODEL", help="registered names or 'spec:...' strings")
+    s.add_argument("--resolutions", default="64,128,256,512", help="input sizes, comma-separated (default "
+                   "64,128,256,512)")
+    s.add_argument("--batch-sizes", default="1", help="batch sizes, comma-separated (default 1)")
+    s.add_argument("--repeats", type=int, default=5, help="timed forward passes per point (default 5)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a keyword argument of create_model (YAML value; repeatable)")
+    s.add_argument("--out", default="analysis/scale", help="output directory (default analysis/scale)")
+    s.add_argument("--json", action="store_true", help="also print the JSON")
+    s.set_defaults(func=cmd_scale)
 
     s = sub.add_parser("recipes", help="list the training recipes, or print one to copy")
     s.add_argument("name", nargs="?")

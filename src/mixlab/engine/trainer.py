@@ -394,11 +394,8 @@ def _tensorboard(run_dir: Path, cfg: Config):
 
 
 # -- evaluation of a saved run --------------------------------------------------------------------
-def evaluate_run(path, data: str | None = None, data_root: str | None = None, use_ema: bool = False,
-                 device: str = "auto", batch_size: int | None = None) -> dict:
-    """Evaluate a run directory or one of its checkpoints on the validation split of its
-    dataset, or of ``data`` (same classes and channels). For a run directory: its
-    ``best.safetensors``, or with ``use_ema`` the EMA weights of its newest checkpoint."""
+def _run_weights(path, use_ema: bool) -> tuple[Path, Path]:
+    """(run directory, weights file) of a run directory or of one of its checkpoint files."""
     path = Path(path)
     if path.is_dir():
         # the best weights by default; the EMA weights live in the training state of the newest checkpoint
@@ -412,17 +409,22 @@ def evaluate_run(path, data: str | None = None, data_root: str | None = None, us
         weights_path, run_dir = path, path.parent.parent
     if not weights_path.exists():
         raise ConfigError(f"checkpoint {str(weights_path)!r} does not exist")
-    cfg = load_run_config(run_dir)  # a checkpoint is evaluated as the run that wrote it built its model
-    if data:
-        cfg.data.name = data
-    if data_root:
-        cfg.data.root = data_root
-    cfg.train.device = device
-    if batch_size:
-        cfg.train.batch_size = batch_size
-    dinfo = init_distributed(device)
-    _, val_loader, _, info = build_data(cfg, dinfo, with_train=False)
-    model = create_model(cfg.model.name, **model_kwargs(cfg, info)).to(dinfo.device)
+    return run_dir, weights_path
+
+
+def load_run_model(path, use_ema: bool = False, info=None):
+    """The trained model of a run directory or checkpoint file, built as the run built it.
+
+    Returns ``(model, cfg, info, weights_path)``; ``info`` (the dataset's DatasetInfo) is read
+    from the run's dataset unless given. The model is on the CPU, in eval mode.
+    """
+    run_dir, weights_path = _run_weights(path, use_ema)
+    cfg = load_run_config(run_dir)  # a checkpoint is loaded as the run that wrote it built its model
+    if info is None:
+        d = cfg.data
+        info = build_datasets(d.name, root=d.root, img_size=d.img_size, download=False, strict=d.strict,
+                              limit_train=d.limit_train, limit_val=d.limit_val, seed=cfg.train.seed)[2]
+    model = create_model(cfg.model.name, **model_kwargs(cfg, info))
     weights, meta = load_weights(weights_path)
     if use_ema:
         state_file = weights_path.with_name(weights_path.name.replace(".safetensors", ".state.pt"))
@@ -436,6 +438,26 @@ def evaluate_run(path, data: str | None = None, data_root: str | None = None, us
     else:
         check_compatible(model, weights, meta)
         model.load_state_dict(weights)
+    return model.eval(), cfg, info, weights_path
+
+
+def evaluate_run(path, data: str | None = None, data_root: str | None = None, use_ema: bool = False,
+                 device: str = "auto", batch_size: int | None = None) -> dict:
+    """Evaluate a run directory or one of its checkpoints on the validation split of its
+    dataset, or of ``data`` (same classes and channels). For a run directory: its
+    ``best.safetensors``, or with ``use_ema`` the EMA weights of its newest checkpoint."""
+    run_dir, weights_path = _run_weights(path, use_ema)
+    cfg = load_run_config(run_dir)
+    if data:
+        cfg.data.name = data
+    if data_root:
+        cfg.data.root = data_root
+    cfg.train.device = device
+    if batch_size:
+        cfg.train.batch_size = batch_size
+    dinfo = init_distributed(device)
+    _, val_loader, _, info = build_data(cfg, dinfo, with_train=False)
+    model = load_run_model(weights_path, use_ema, info=info)[0].to(dinfo.device)
     result = evaluate(model, val_loader, dinfo.device, cfg.train.amp, dinfo)
     result.update(checkpoint=str(weights_path), data=info.name, model=cfg.model.name)
     return result

@@ -1,0 +1,176 @@
+"""The analysis commands: effective receptive field, cost scaling (and their CLI outputs)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mixlab
+from mixlab.analysis.erf import area_ratios, effective_receptive_field
+from mixlab.analysis.scale import _LiveTensorBytes, fit_exponent, measure_scaling
+from mixlab.cli import main
+
+
+def spec_model(spec: str, img_size: int, seed: int = 0):
+    torch.manual_seed(seed)
+    return mixlab.create_model(f"spec:{spec}", img_size=img_size, num_classes=10).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# ERF
+# --------------------------------------------------------------------------------------------
+def test_area_ratios_of_known_maps():
+    # all the mass at the centre: the smallest square (1 pixel) holds it all
+    m = torch.zeros(9, 9)
+    m[4, 4] = 5.0
+    ratios, sides = area_ratios(m, (0.2, 0.5, 0.99))
+    assert sides == {0.2: 1, 0.5: 1, 0.99: 1} and ratios[0.5] == pytest.approx(1 / 81)
+    # a uniform map: a centred square of side s holds s²/81 of the mass (log scaling keeps it uniform)
+    ratios, sides = area_ratios(torch.ones(9, 9), (0.1, 0.5, 0.99))
+    assert sides == {0.1: 3, 0.5: 7, 0.99: 9}  # 9/81 > 0.1 (side 1: 1/81 is not), 49/81 > 0.5, only 81/81 > 0.99
+    assert ratios[0.99] == 1.0
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        area_ratios(m, (1.5,))
+
+
+def test_erf_of_a_single_depthwise_convolution_is_its_kernel_support():
+    """One 5x5 depthwise conv on a 1x1-patch stem: the centre output reads exactly a 5x5 window,
+    so the gradient map is zero outside it and the 0.99 square is that window."""
+    model = spec_model("patch1 / dwconv:1x8:kernel=5", img_size=15)
+    x = torch.randn(2, 3, 15, 15)
+    r = effective_receptive_field(model, x)
+    nz = torch.nonzero(r.contribution > 0)
+    assert nz.min(0).values.tolist() >= [5, 5] and nz.max(0).values.tolist() <= [9, 9]
+    assert r.side[0.99] <= 5 and r.images == 2 and r.feature_size == (15, 15)
+
+
+def test_large_kernels_see_further_than_a_3x3_stack_of_equal_depth():
+    """The issue's check (the seeds' O(k·sqrt(n)) claim), on random-initialised models."""
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    small = effective_receptive_field(spec_model("patch4 / dwconv:4x16:kernel=3", 64), x)
+    large = effective_receptive_field(spec_model("patch4 / dwconv:4x16:kernel=31", 64), x)
+    for t in (0.2, 0.3, 0.5):
+        assert large.area_ratio[t] > 3 * small.area_ratio[t], (t, large.area_ratio, small.area_ratio)
+
+
+def test_erf_restores_training_mode_and_rejects_empty_batches():
+    model = spec_model("patch4 / dwconv:1x8", 32).train()
+    effective_receptive_field(model, torch.randn(1, 3, 32, 32))
+    assert model.training
+    with pytest.raises(ValueError, match="non-empty batch"):
+        effective_receptive_field(model, torch.randn(0, 3, 32, 32))
+
+
+def test_erf_command_writes_png_and_json(tmp_path, capsys):
+    out = tmp_path / "erf"
+    rc = main(["erf", "spec:patch4 / dwconv:2x8:kernel=7", "nano_vit", "--img-size", "32", "--images", "2",
+               "--out", str(out)])
+    assert rc == 0
+    payload = json.loads((out / "erf.json").read_text())
+    assert [r["model"] for r in payload["results"]] == ["spec:patch4 / dwconv:2x8:kernel=7", "nano_vit"]
+    assert set(payload["results"][0]["area_ratio"]) == {"0.2", "0.3", "0.5", "0.99"}
+    assert (out / "erf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(out) in capsys.readouterr().out
+
+
+def test_erf_command_on_a_dataset_and_its_errors(tmp_path, capsys):
+    rc = main(["erf", "nano_convnext", "--data", "digits", "--img-size", "32", "--images", "3",
+               "--out", str(tmp_path / "d")])
+    assert rc == 0 and "3 images of digits" in capsys.readouterr().out
+    assert main(["erf", "nano_vit", "--checkpoint", "a", "--checkpoint", "b", "--out", str(tmp_path)]) == 2
+    assert "2 --checkpoint(s)" in capsys.readouterr().err
+    assert main(["erf", "--out", str(tmp_path)]) == 2
+    assert "name at least one model" in capsys.readouterr().err
+
+
+def test_erf_of_a_trained_run(tmp_path, capsys):
+    """A run directory stands for its model and its data: the trained weights are loaded."""
+    from mixlab.config import build_config
+    from mixlab.engine.trainer import train
+
+    cfg = build_config(None, {"model": {"name": "nano_convnext"}, "data": {"name": "digits", "img_size": 32,
+                                                                          "limit_train": 64, "limit_val": 32},
+                              "train": {"epochs": 1, "batch_size": 32, "device": "cpu"},
+                              "output_dir": str(tmp_path / "runs"), "name": "r"}, recipe="basic")
+    train(cfg)
+    run = tmp_path / "runs" / "r"
+    rc = main(["erf", "--checkpoint", str(run), "--images", "2", "--out", str(tmp_path / "e")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "nano_convnext (r)" in text and "images of digits" in text
+    assert main(["erf", "nano_vit", "--checkpoint", str(run), "--out", str(tmp_path / "e")]) == 2
+    assert "is a run of 'nano_convnext'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# scaling
+# --------------------------------------------------------------------------------------------
+def test_fit_exponent_recovers_power_laws():
+    n = [256, 1024, 4096, 16384]
+    assert fit_exponent(n, [3 * v ** 2 for v in n]) == pytest.approx(2.0)
+    assert fit_exponent(n, [7 * v for v in n]) == pytest.approx(1.0)
+    assert fit_exponent([5], [1.0]) != fit_exponent([5], [1.0])  # nan with one point
+
+
+def test_live_tensor_tracker_counts_the_peak_once_per_storage():
+    x = torch.randn(256, 256)  # 256 KiB, made before tracking: not counted
+    with _LiveTensorBytes() as t:
+        y = x * 2  # +256 KiB
+        z = y.view(-1)  # a view: the same storage
+        w = y + 1  # +256 KiB -> peak 512 KiB
+        del w
+        v = z * 3  # w's storage was freed: back to 512 KiB, not 768
+        del v, y, z
+    assert t.peak == 2 * 256 * 256 * 4
+    assert t.current == 0
+
+
+ATTENTION, WINDOW, CONVNEXT = ("patch4 / attention:2x32:heads=2", "patch2 / window:2x32:heads=2,window=7",
+                               "patch2 / convnext:2x32")
+
+
+def _scaling(spec: str, sizes, repeats=3):
+    return measure_scaling(lambda s: mixlab.create_model(f"spec:{spec}", img_size=s, num_classes=10), sizes,
+                           name=spec, repeats=repeats)
+
+
+def test_attention_cost_grows_quadratically_and_windows_and_convolutions_linearly(one_thread):
+    """The issue's check: fitted exponents in tokens, near 2 for global attention and near 1 for Swin's windows
+    and ConvNeXt. The MACs' exponents are exact; the latencies' are measured, so they are checked as a
+    relation (attention grows clearly faster), retried on a busy machine."""
+    sizes = [64, 128, 192, 256]
+    att, win, cnx = (_scaling(s, sizes) for s in (ATTENTION, WINDOW, CONVNEXT))
+    assert 1.7 < att.exponents[1]["macs"] < 2.05
+    assert 0.9 < win.exponents[1]["macs"] < 1.1 and 0.95 < cnx.exponents[1]["macs"] < 1.05
+    for attempt in range(3):
+        if att.exponents[1]["latency"] > max(win.exponents[1]["latency"], cnx.exponents[1]["latency"]) + 0.3:
+            break
+        att, win, cnx = (_scaling(s, sizes, repeats=5) for s in (ATTENTION, WINDOW, CONVNEXT))
+    else:
+        pytest.fail(f"latency exponents: attention {att.exponents}, window {win.exponents}, convnext {cnx.exponents}")
+    # peak memory grows with the resolution, and every point is measured
+    assert all(p.error is None for p in att.points + win.points + cnx.points)
+    assert cnx.points[-1].peak_memory_mb > cnx.points[0].peak_memory_mb > 0
+
+
+def test_sizes_a_model_cannot_take_are_recorded_not_fatal():
+    r = _scaling("patch4 / attention:1x16:heads=2", [30, 32], repeats=1)
+    bad, good = r.points
+    assert bad.error and "divisible" in bad.error and good.error is None
+    with pytest.raises(ValueError, match="positive"):
+        _scaling(ATTENTION, [0])
+
+
+def test_scale_command_writes_png_and_json(tmp_path, capsys):
+    out = tmp_path / "s"
+    rc = main(["scale", "spec:patch4 / dwconv:1x8", "--resolutions", "32,64", "--batch-sizes", "1,2",
+               "--repeats", "1", "--out", str(out)])
+    assert rc == 0
+    payload = json.loads((out / "scale.json").read_text())
+    points = payload["results"][0]["points"]
+    assert [(p["resolution"], p["batch_size"]) for p in points] == [(32, 1), (32, 2), (64, 1), (64, 2)]
+    assert set(payload["results"][0]["exponents"]) == {"1", "2"}
+    assert (out / "scale.png").exists() and "batch 2: cost ~ N^p" in capsys.readouterr().out
+    assert main(["scale", "nano_vit", "--resolutions", "64,x", "--out", str(out)]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err

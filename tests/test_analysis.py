@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -174,3 +175,92 @@ def test_scale_command_writes_png_and_json(tmp_path, capsys):
     assert (out / "scale.png").exists() and "batch 2: cost ~ N^p" in capsys.readouterr().out
     assert main(["scale", "nano_vit", "--resolutions", "64,x", "--out", str(out)]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# affinity explorer
+# --------------------------------------------------------------------------------------------
+from mixlab.analysis.affinity import capture_affinities, plot_depth, plot_query, query_map  # noqa: E402
+from mixlab.models.nano import LINE_UPS  # noqa: E402
+
+
+def test_the_affinity_drawn_for_a_depthwise_convolution_is_its_kernel():
+    """The issue's check: the row of a query position, laid on the grid, is the layer's 5x5 kernel
+    centred on the query (cross-correlation: no flip), zero elsewhere; at a border, the kernel clipped."""
+    model = spec_model("patch1 / dwconv:1x8:kernel=5", img_size=16, seed=3)
+    conv = model.stages[0].blocks[0].mixer.conv
+    image = torch.randn(1, 3, 16, 16)
+    (layer,) = capture_affinities(model, image)
+    assert layer.kind == "static" and layer.grid == (16, 16) and layer.static_share == 1.0
+    maps = query_map(layer, (9, 6), (16, 16))  # x = 9, y = 6
+    kernel = conv.weight[:, 0].detach()
+    expected = torch.zeros(8, 16, 16)
+    expected[:, 4:9, 7:12] = kernel
+    torch.testing.assert_close(maps, expected)
+    corner = query_map(layer, (0, 0), (16, 16))
+    torch.testing.assert_close(corner[:, :3, :3], kernel[:, 2:, 2:])
+    assert corner[:, 3:].abs().sum() == 0 and corner[:, :, 3:].abs().sum() == 0
+
+
+def test_attention_statistics_of_a_uniform_affinity():
+    """Zero query/key weights make every attention row uniform: entropy log N, no sparsity, and the
+    mean distance is the mean distance between grid cells."""
+    model = spec_model("patch4 / attention:1x16:heads=2", img_size=32)
+    with torch.no_grad():
+        model.stages[0].blocks[0].mixer.qkv.weight[:32].zero_()
+        model.stages[0].blocks[0].mixer.qkv.bias[:32].zero_()
+    (layer,) = capture_affinities(model, torch.randn(1, 3, 32, 32))
+    st = layer.stats
+    assert st["entropy"] == pytest.approx(math.log(64)) and st["sparsity"] == pytest.approx(1 - 58 / 64)
+    centres = (torch.arange(8, dtype=torch.float64) + 0.5) * 4
+    pts = torch.stack(torch.meshgrid(centres, centres, indexing="ij"), -1).reshape(-1, 2)
+    assert st["mean_distance"] == pytest.approx(float(torch.cdist(pts, pts).mean()))
+    assert st["static_share"] == 0.0 and layer.kind == "dynamic"
+
+
+@pytest.mark.parametrize("name", [n for n in LINE_UPS["nano-all"] if n != "nano_resnet"])
+def test_affinity_renders_for_every_nano_family(name):
+    torch.manual_seed(0)
+    model = mixlab.create_model(name).eval()
+    layers = capture_affinities(model, torch.randn(1, 3, 32, 32))
+    drawn = [la for la in layers if la.affinity is not None]
+    assert drawn, name
+    for la in drawn:
+        assert la.kind in ("static", "dynamic", "mixed")
+        assert 0 <= la.stats["entropy"] <= la.stats["max_entropy"] + 1e-6
+        assert 0 <= la.stats["sparsity"] < 1 and la.stats["mean_distance"] >= 0
+        share = la.stats["static_share"]
+        assert share is None or 0 <= share <= 1
+    if name == "nano_container":  # Container's α·A_dyn + β·A_static: a share strictly between the two
+        assert any(0 < la.static_share < 1 for la in drawn)
+    plot_query(torch.randn(1, 3, 32, 32), drawn[:2], (16, 16))
+    plot_depth(layers)
+
+
+def test_affinity_command(tmp_path, capsys):
+    from PIL import Image
+
+    img = tmp_path / "x.png"
+    Image.fromarray((torch.rand(40, 50, 3) * 255).byte().numpy()).save(img)
+    out = tmp_path / "a"
+    rc = main(["affinity", "nano_container", "--image", str(img), "--layer", "0", "--layer", "-1",
+               "--query", "3,30", "--out", str(out)])
+    assert rc == 0
+    payload = json.loads((out / "affinity.json").read_text())
+    assert len(payload["layers"]) == 2 and payload["query"] == [3, 30]
+    assert (out / "affinity.png").exists() and (out / "depth.png").exists()
+    assert "static share" in capsys.readouterr().out
+    assert main(["affinity", "nano_vit", "--layer", "nope", "--out", str(out)]) == 2
+    assert "no mixer named 'nope'" in capsys.readouterr().err
+    assert main(["affinity", "nano_vit", "--query", "40,3", "--out", str(out)]) == 2
+    assert "outside the 32x32 image" in capsys.readouterr().err
+    assert main(["affinity", "nano_resnet", "--out", str(out)]) == 2
+    assert "no spatial mixer" in capsys.readouterr().err
+    assert main(["affinity", "nano_vit", "--image", str(tmp_path / "missing.png"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_large_affinities_are_skipped_with_a_reason():
+    model = spec_model("patch1 / dwconv:1x8:kernel=3", img_size=16)
+    (layer,) = capture_affinities(model, torch.randn(1, 3, 16, 16), max_elements=1000)
+    assert layer.affinity is None and "smaller --img-size" in layer.skipped

@@ -297,6 +297,54 @@ def cmd_erf(args) -> int:
     return 0
 
 
+def cmd_affinity(args) -> int:
+    from .analysis.affinity import capture_affinities, plot_depth, plot_query
+    from .analysis.common import analysis_images, load_image, write_outputs
+
+    if len(args.models) > 1 or len(args.checkpoint or []) > 1:
+        raise ValueError("mixlab affinity explores one model at a time")
+    (model, label, data), = _analysis_models(args, **_random_model_kwargs(args))
+    if args.image:
+        image = load_image(args.image, model)
+        source = args.image
+    else:
+        dname, droot = (args.data, args.data_root) if args.data else (data.get("name"), data.get("root"))
+        images, _ = analysis_images(model, dname, droot, num_images=args.index + 1, seed=args.seed)
+        image = images[args.index:args.index + 1]
+        source = f"{dname} validation image {args.index}" if dname else "Gaussian noise"
+    H, W = image.shape[-2:]
+    if args.query:
+        try:
+            qx, qy = (int(v) for v in args.query.split(","))
+        except ValueError:
+            raise ValueError(f"--query must be x,y in input pixels, e.g. {W // 2},{H // 2}; got {args.query!r}") from None
+    else:
+        qx, qy = W // 2, H // 2
+    layers = capture_affinities(model, image, layers=args.layer, max_elements=args.max_elements)
+    for la in layers:
+        if la.affinity is None:
+            print(f"{la.name}: skipped ({la.skipped})")
+            continue
+        st = la.stats
+        share = "" if st["static_share"] is None else f", static share {st['static_share']:.2f}"
+        print(f"{la.name}  {la.mixer} ({la.kind}), {st['groups']} group(s), grid {la.grid[0]}x{la.grid[1]}: mean "
+              f"distance {st['mean_distance']:.1f}px, entropy {st['entropy']:.2f}/{st['max_entropy']:.2f}, sparsity "
+              f"{st['sparsity']:.2f}{share}")
+    drawn = [la for la in layers if la.affinity is not None]
+    payload = {"command": "affinity", "model": label, "image": source, "input_size": [H, W], "query": [qx, qy],
+               "layers": [{"name": la.name, "mixer": la.mixer, "kind": la.kind, "grid": list(la.grid),
+                           "value_grid": list(la.value_grid), "skipped": la.skipped, "stats": la.stats}
+                          for la in layers]}
+    figures = {"depth.png": plot_depth(layers)}
+    if drawn:
+        figures["affinity.png"] = plot_query(image, drawn[:args.max_layers], (qx, qy), max_groups=args.groups)
+    written = write_outputs(args.out, "affinity.json", payload, figures)
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    _report_written("affinity", written)
+    return 0
+
+
 def _int_list(text: str, what: str) -> list[int]:
     try:
         values = [int(v) for v in text.replace(" ", "").split(",") if v]
@@ -471,6 +519,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", type=int, default=8, help="images to aggregate over (default 8)")
     s.add_argument("--batch-size", type=int, default=4)
     s.set_defaults(func=cmd_erf)
+
+    s = sub.add_parser("affinity", help="the affinity matrices of a model's mixers for one image: drawn for a query "
+                       "position, with per-layer statistics across depth", description="Capture A of every spatial "
+                       "mixer (attention, windows, convolutions, pooling, MLPs, Container's mixed A) on one image, draw "
+                       "the rows of a query position over the image, and measure mean distance, entropy, sparsity and "
+                       "the static share per layer.")
+    _analysis_arguments(s, "analysis/affinity")
+    s.add_argument("--image", help="an image file (default: an image of --data or of the run's data, else noise)")
+    s.add_argument("--index", type=int, default=0, help="which validation image of the dataset (default 0)")
+    s.add_argument("--layer", action="append", metavar="L",
+                   help="a mixer's module name or index (repeatable; default: all; `--layer 0 --layer -1`)")
+    s.add_argument("--query", metavar="X,Y", help="the query position in input pixels (default: the centre)")
+    s.add_argument("--groups", type=int, default=4, help="heads/groups drawn per layer (default 4)")
+    s.add_argument("--max-layers", type=int, default=8, help="layers drawn in affinity.png (default 8; the "
+                   "statistics cover all)")
+    s.add_argument("--max-elements", type=int, default=150_000_000,
+                   help="skip layers whose affinity has more elements (default 1.5e8, 0.6 GB)")
+    s.set_defaults(func=cmd_affinity)
 
     s = sub.add_parser("scale", help="latency, throughput, peak memory and MACs against input resolution and "
                        "batch size, with the fitted growth exponent in tokens", description="Build each model at "

@@ -111,3 +111,26 @@ def _jsonable(obj):
     if hasattr(obj, "tolist"):
         return obj.tolist()
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def load_image(path, model: nn.Module) -> torch.Tensor:
+    """An image file as the (1, C, H, W) input of ``model``: decoded with torchvision, converted to the
+    model's channels (grey or RGB), resized to its input size, normalised with its mean and std."""
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms import v2
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"image {str(path)!r} does not exist")
+    c, h, w = model_input_size(model)
+    if c not in (1, 3):
+        raise ValueError(f"image files give 1 or 3 channels; this model takes {c}")
+    try:
+        img = decode_image(str(path), mode=ImageReadMode.RGB if c == 3 else ImageReadMode.GRAY)
+    except RuntimeError as e:
+        raise ValueError(f"cannot read {str(path)!r} as an image (JPEG, PNG, GIF, WebP): {e}") from None
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    mean = tuple(cfg.get("mean", (0.5,) * c))[:c]
+    std = tuple(cfg.get("std", (0.5,) * c))[:c]
+    tf = v2.Compose([v2.Resize((h, w), antialias=True), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    return tf(img)[None]

@@ -264,3 +264,14 @@ def test_large_affinities_are_skipped_with_a_reason():
     model = spec_model("patch1 / dwconv:1x8:kernel=3", img_size=16)
     (layer,) = capture_affinities(model, torch.randn(1, 3, 16, 16), max_elements=1000)
     assert layer.affinity is None and "smaller --img-size" in layer.skipped
+
+
+def test_macs_of_attention_are_counted_on_real_cpu_tensors_too():
+    """F.scaled_dot_product_attention takes a CPU kernel that torch's flop counter does not know on real
+    tensors; count_macs counts it like the meta device's math path."""
+    from mixlab.analysis import count_macs
+
+    with torch.device("meta"):
+        meta = count_macs(mixlab.create_model("nano_vit").eval(), torch.empty(1, 3, 32, 32))[0]
+    cpu = count_macs(mixlab.create_model("nano_vit").eval(), torch.randn(1, 3, 32, 32))[0]
+    assert cpu == meta

@@ -114,8 +114,16 @@ def _complex_mul_flops(a, b, *args, out_val=None, **kwargs) -> int:
 
 _complex_mul_flops._get_raw = True  # FlopCounterMode passes the tensors, not their shapes
 
+def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """The CPU kernel of ``F.scaled_dot_product_attention`` (real tensors take it; the meta device
+    takes the counted math path): the same two matrix products as every other backend."""
+    from torch.utils.flop_counter import sdpa_flop_count
+    return sdpa_flop_count(query, key, value)
+
+
 #: formulas for ops that ``torch.utils.flop_counter`` leaves uncounted (see the module docstring)
 EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
     torch.ops.aten._fft_r2c: _fft_r2c_flops,
     torch.ops.aten._fft_c2r: _fft_c2r_flops,
     torch.ops.aten._fft_c2c: _fft_c2c_flops,

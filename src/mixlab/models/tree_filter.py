@@ -1,0 +1,29 @@
+"""The learnable tree filter (LTF v2; Song et al., NeurIPS 2020; StevenGrove/LearnableTreeFilterV2)
+as a specification mixer: ``treefilter``, the generic block (pre-norm LayerNorm, residual,
+MLP) around :class:`~mixlab.mixers.tree_filter.TreeFilterMixer` with a linear output
+projection. Options: ``groups`` (affinity groups, one embedding channel each, as in the
+authors' module). The paper uses the filter as a module inside CNNs (see
+:class:`~mixlab.mixers.tree_filter.TreeFilterBlock` for ResNet); a backbone of tree-filter
+blocks is mixlab's own use of it.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch.nn as nn
+
+from ..mixers.tree_filter import TreeFilterBlock, TreeFilterMixer
+from .blocks import MetaBlock
+from .spec import register_spec_mixer
+
+
+def _spec_block(st, width, grid, mlp_ratio, drop_path, index, drop):
+    mixer = TreeFilterMixer(width, groups=st["groups"], proj=True)
+    return MetaBlock(width, mixer, mlp_ratio=mlp_ratio, norm_layer=partial(nn.LayerNorm, eps=1e-6), drop=drop,
+                     drop_path=drop_path)
+
+
+register_spec_mixer("treefilter", {"groups": 8},
+                    "learnable tree filter v2 (MST of the grid, linear-time filtering along it)", _spec_block)
+
+__all__ = ["TreeFilterMixer", "TreeFilterBlock"]

@@ -16,13 +16,25 @@ from .blocks import MetaBlock
 class SwinTransformer(HierarchicalModel):
     """Swin: patchify stem (4x4) + LayerNorm, then per stage patch merging and blocks that
     alternate regular and shifted (by half a window) window attention. Any input size
-    divisible by the patch size works (windows are padded and masked)."""
+    divisible by the patch size works (windows are padded and masked).
+
+    ``conv_embed=True`` is CETNet's "CE generalisation" (Wang et al., ECCV 2022, arXiv
+    2207.13317, its Fig. 1): the patchify stem becomes CETNet's convolutional stem (four
+    Fused-MBConvs of width ``embed_dim // 2``, a 1x1 convolution, LayerNorm; stride 4, so
+    ``patch_size`` must be 4) and each patch merging a convolutional embedding (two MBConvs,
+    the first with stride 2, a 1x1 convolution, LayerNorm); see ``mixlab.models.cetnet``. Any
+    input size of at least 4 pixels then works."""
 
     def __init__(self, img_size=224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size: int = 7,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0):
+                 drop_path_rate: float = 0.0, conv_embed: bool = False):
         norm = partial(nn.LayerNorm, eps=1e-5)
+        if conv_embed:
+            from .cetnet import CETNetStem, ConvolutionalEmbedding  # imported here: only this option needs it
+            if patch_size != 4:
+                raise ValueError(f"conv_embed=True uses CETNet's stride-4 convolutional stem: patch_size must be 4, "
+                                 f"got {patch_size}")
         dims = [embed_dim * 2 ** i for i in range(len(depths))]
         dpr = stochastic_depth_rates(drop_path_rate, depths)
         stages, info = [], []
@@ -31,16 +43,27 @@ class SwinTransformer(HierarchicalModel):
                                                      qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate),
                                 mlp_ratio=mlp_ratio, norm_layer=norm, drop=drop_rate, drop_path=dpr[i][j])
                       for j in range(depth)]
-            stages.append(Stage(PatchMerging(dims[i - 1], dim, norm) if i else None, blocks))
+            if i == 0:
+                down = None
+            elif conv_embed:
+                down = ConvolutionalEmbedding(dims[i - 1], dim, 2, 2, "mbconv", 2.0, norm_layer=norm)
+            else:
+                down = PatchMerging(dims[i - 1], dim, norm)
+            stages.append(Stage(down, blocks))
             info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"stages.{i}"))
         super().__init__(in_chans, num_classes, img_size,
-                         stem=PatchEmbed(patch_size, in_chans, embed_dim, norm_layer=norm),
+                         stem=(CETNetStem(in_chans, embed_dim // 2, embed_dim, norm_layer=norm) if conv_embed
+                               else PatchEmbed(patch_size, in_chans, embed_dim, norm_layer=norm)),
                          stages=stages, norm=norm(dims[-1]),
                          head=ClassifierHead(dims[-1], num_classes, pool="avg", drop_rate=drop_rate),
                          feature_info=info, stage_mixers=[f"window attention ({window_size}x{window_size}, shifted)"]
                          * len(depths))
         self.min_input_size = patch_size
         self.apply(init_weights_vit)
+        if conv_embed:
+            from .cetnet import init_weights_cetnet
+            for module in [self.stem] + [stage.downsample for stage in self.stages]:
+                module.apply(init_weights_cetnet)
 
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}

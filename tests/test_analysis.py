@@ -85,22 +85,27 @@ def test_erf_command_on_a_dataset_and_its_errors(tmp_path, capsys):
     assert "name at least one model" in capsys.readouterr().err
 
 
-def test_erf_of_a_trained_run(tmp_path, capsys):
-    """A run directory stands for its model and its data: the trained weights are loaded."""
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A nano ConvNeXt trained for two epochs on digits at 32x32 (a run directory)."""
     from mixlab.config import build_config
     from mixlab.engine.trainer import train
 
-    cfg = build_config(None, {"model": {"name": "nano_convnext"}, "data": {"name": "digits", "img_size": 32,
-                                                                          "limit_train": 64, "limit_val": 32},
-                              "train": {"epochs": 1, "batch_size": 32, "device": "cpu"},
-                              "output_dir": str(tmp_path / "runs"), "name": "r"}, recipe="basic")
+    out = tmp_path_factory.mktemp("runs")
+    cfg = build_config(None, {"model": {"name": "nano_convnext"}, "data": {"name": "digits", "img_size": 32},
+                              "train": {"epochs": 2, "batch_size": 64, "device": "cpu"},
+                              "output_dir": str(out), "name": "r"}, recipe="basic")
     train(cfg)
-    run = tmp_path / "runs" / "r"
-    rc = main(["erf", "--checkpoint", str(run), "--images", "2", "--out", str(tmp_path / "e")])
+    return out / "r"
+
+
+def test_erf_of_a_trained_run(trained_run, tmp_path, capsys):
+    """A run directory stands for its model and its data: the trained weights are loaded."""
+    rc = main(["erf", "--checkpoint", str(trained_run), "--images", "2", "--out", str(tmp_path / "e")])
     assert rc == 0
     text = capsys.readouterr().out
     assert "nano_convnext (r)" in text and "images of digits" in text
-    assert main(["erf", "nano_vit", "--checkpoint", str(run), "--out", str(tmp_path / "e")]) == 2
+    assert main(["erf", "nano_vit", "--checkpoint", str(trained_run), "--out", str(tmp_path / "e")]) == 2
     assert "is a run of 'nano_convnext'" in capsys.readouterr().err
 
 
@@ -275,3 +280,66 @@ def test_macs_of_attention_are_counted_on_real_cpu_tensors_too():
         meta = count_macs(mixlab.create_model("nano_vit").eval(), torch.empty(1, 3, 32, 32))[0]
     cpu = count_macs(mixlab.create_model("nano_vit").eval(), torch.randn(1, 3, 32, 32))[0]
     assert cpu == meta
+
+
+# --------------------------------------------------------------------------------------------
+# robustness
+# --------------------------------------------------------------------------------------------
+from mixlab.analysis import robustness as rb  # noqa: E402
+
+
+def test_occlusions_drop_the_asked_share_of_patches():
+    x = torch.ones(3, 2, 28, 28)
+    g = torch.Generator().manual_seed(0)
+    for p in (0.0, 0.3, 0.9):
+        y = rb.random_occlusion(x, p, grid=14, generator=g)
+        assert ((y == 0).float().mean(dim=(1, 2, 3)) == round(p * 196) / 196).all()  # 2x2 patches, exactly k of them
+    c = rb.centre_occlusion(x, 4 / 196, grid=14)
+    assert (c[:, :, 12:16, 12:16] == 0).all() and (c == 0).sum() == 3 * 2 * 16  # the 2x2 central patches
+    assert torch.equal(rb.random_occlusion(x, 0.0), x) and torch.equal(rb.centre_occlusion(x, 0.0), x)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        rb.random_occlusion(x, 1.5)
+
+
+def test_patch_shuffle_permutes_tiles():
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
+    y = rb.patch_shuffle(x, 4, torch.Generator().manual_seed(1))
+    assert not torch.equal(x, y) and torch.equal(x.flatten(1).sort().values, y.flatten(1).sort().values)
+    tiles = lambda t: {tuple(t[0, 0, r:r + 2, c:c + 2].flatten().tolist()) for r in range(0, 8, 2)  # noqa: E731
+                       for c in range(0, 8, 2)}
+    assert tiles(x) == tiles(y)  # the same 2x2 tiles, moved
+    assert torch.equal(rb.patch_shuffle(x, 1), x)
+    odd = torch.randn(1, 1, 10, 10)  # 10 = 3·3 + 1: the one-pixel border stays
+    z = rb.patch_shuffle(odd, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(z[..., 9, :], odd[..., 9, :]) and torch.equal(z[..., :, 9], odd[..., :, 9])
+
+
+def test_robustness_of_a_trained_run(trained_run, tmp_path, capsys):
+    """Every perturbation at its zero level is the clean evaluation, which is `mixlab eval`'s top-1 on the
+    same (whole) validation split; heavy occlusion hurts; a model that cannot take a size is reported."""
+    from mixlab.engine.trainer import evaluate_run
+
+    out = tmp_path / "rob"
+    rc = main(["robustness", "--checkpoint", str(trained_run), "--limit", "100000", "--out", str(out)])
+    assert rc == 0
+    r = json.loads((out / "robustness.json").read_text())["results"][0]
+    ev = evaluate_run(trained_run, device="cpu")
+    assert r["images"] == ev["images"] and r["clean_top1"] == pytest.approx(ev["top1"])
+    curves = r["curves"]
+    for key, level in (("random occlusion", 0.0), ("centre occlusion", 0.0), ("patch shuffle", 1),
+                       ("gaussian noise", 0.0), ("resolution", 1.0)):
+        assert dict(map(tuple, curves[key]))[level] == pytest.approx(r["clean_top1"]), key
+    assert r["clean_top1"] > 50
+    assert dict(map(tuple, curves["centre occlusion"]))[0.9] < r["clean_top1"] - 20
+    assert (out / "robustness.png").exists() and "clean top-1" in capsys.readouterr().out
+    assert main(["robustness", "nano_vit", "--out", str(out)]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_sizes_a_model_cannot_take_are_reported():
+    torch.manual_seed(0)
+    model = mixlab.create_model("nano_mixer", img_size=32, num_classes=10)  # a token MLP fixes the size
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    r = rb.evaluate_robustness(model, x, y, occlusion=(0.0,), shuffle=(1,), noise=(0.0,), scales=(0.5, 1.0))
+    assert dict(r.curves["resolution"])[0.5] is None and "resolution 0.5" in r.errors
+    assert dict(r.curves["resolution"])[1.0] == r.clean_top1

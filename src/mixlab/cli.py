@@ -345,6 +345,37 @@ def cmd_affinity(args) -> int:
     return 0
 
 
+def cmd_robustness(args) -> int:
+    from .analysis.common import analysis_images, write_outputs
+    from .analysis.robustness import evaluate_robustness, plot_robustness
+
+    if not args.checkpoint:
+        raise ValueError("give the trained model(s) with --checkpoint RUN_DIR (repeatable); robustness of random "
+                         "weights means nothing")
+    results = []
+    for model, label, data in _analysis_models(args, **_random_model_kwargs(args)):
+        dname, droot = (args.data, args.data_root) if args.data else (data.get("name"), data.get("root"))
+        if not dname:
+            raise ValueError(f"{label}: not a mixlab run, so its dataset is unknown; name it with --data")
+        images, labels = analysis_images(model, dname, droot, num_images=args.limit, seed=args.seed)
+        r = evaluate_robustness(model, images, labels, name=label, grid=args.grid, batch_size=args.batch_size,
+                                seed=args.seed)
+        results.append(r)
+        print(f"{label} on {r.images} {dname} validation images: clean top-1 {r.clean_top1:.2f}%")
+        for key, curve in r.curves.items():
+            cells = "  ".join(f"{lvl:g}: {'—' if acc is None else f'{acc:.1f}'}" for lvl, acc in curve)
+            print(f"  {key:17s} {cells}")
+        for key, why in r.errors.items():
+            print(f"  {key}: not measured ({why})")
+    payload = {"command": "robustness", "grid": args.grid, "seed": args.seed,
+               "results": [r.to_dict() for r in results]}
+    written = write_outputs(args.out, "robustness.json", payload, {"robustness.png": plot_robustness(results)})
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    _report_written("robustness", written)
+    return 0
+
+
 def _int_list(text: str, what: str) -> list[int]:
     try:
         values = [int(v) for v in text.replace(" ", "").split(",") if v]
@@ -537,6 +568,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-elements", type=int, default=150_000_000,
                    help="skip layers whose affinity has more elements (default 1.5e8, 0.6 GB)")
     s.set_defaults(func=cmd_affinity)
+
+    s = sub.add_parser("robustness", help="top-1 of trained models under occlusion, patch shuffle, noise and other "
+                       "input sizes: table, plot (PNG) and JSON", description="Evaluate each checkpoint on its "
+                       "validation images under random and centre occlusion (0-90%% of a 14x14 patch grid), patch "
+                       "shuffle (grids 2, 4, 8), Gaussian noise and resized inputs, side by side.")
+    _analysis_arguments(s, "analysis/robustness")
+    s.add_argument("--limit", type=int, default=2000, help="validation images to use (the first N; default 2000)")
+    s.add_argument("--grid", type=int, default=14, help="occlusion patch grid (default 14 x 14)")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.set_defaults(func=cmd_robustness)
 
     s = sub.add_parser("scale", help="latency, throughput, peak memory and MACs against input resolution and "
                        "batch size, with the fitted growth exponent in tokens", description="Build each model at "

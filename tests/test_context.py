@@ -189,7 +189,9 @@ def test_insertion_into_tiny_resnet(name, placement):
             assert all(".blocks.0.context." in k for k in ctx_keys)
         else:
             assert all(k.split(".")[2] == "context" for k in ctx_keys)
-    x = torch.randn(2, 3, 32, 32)
+    # the tree filter's edge term needs edges: a 2x2 map in the last stage, not 1x1
+    size = 64 if name == "tree_filter" else 32
+    x = torch.randn(2, 3, size, size)
     y = model(x)
     assert y.shape == (2, 5)
     y.sum().backward()
@@ -268,6 +270,9 @@ def test_overheads_on_resnet50_meta():
         # GC r4 in every bottleneck of res3-res5 (the seed's "+GCNet": +10.0M)
         (dict(context="gc", context_stages=(1, 2, 3), context_args={"ratio": 0.25}),
          sum(c + 2 * c * (c // 4) + c // 4 + 2 * (c // 4) + c for c in _blocks_chs()[3:])),
+        # LTF-v2 after res3, res4, res5, 16 groups, self-guided: three 1x1 embeddings C -> 16 (features,
+        # confidence, guide), 16 edge biases β, the residual γ (the paper's guided version: +0.14M)
+        (dict(context="tree_filter"), sum(3 * 16 * c + 16 + 1 for c in stage_chs[1:])),
     ]
     for kw, extra in cases:
         with torch.device("meta"):

@@ -81,7 +81,9 @@ def test_every_mixer_of_every_nano_model_keeps_the_contract(name):
             # N rows (or one per query where only some positions query: CaiT's class attention), and one
             # column per value: N, or fewer where keys and values come from a reduced map (PVT, CvT)
             M = mixer.values(x).shape[1]
-            assert A.ndim == 4 and A.shape[0] == 1 and A.shape[-2] in (1, N) and A.shape[-1] == M <= N, (key, A.shape)
+            rows = out.shape[1] * out.shape[2] if out.ndim == 4 else N  # a strided mixer: one row per output
+            assert A.ndim == 4 and A.shape[0] == 1 and A.shape[-2] in (1, N, rows) and A.shape[-1] == M <= N, \
+                (key, A.shape)
             assert mixer.affinity_kind in ("static", "dynamic", "mixed"), key
             if mixer.exact_av:
                 torch.testing.assert_close(mixer.explicit_forward(x), out, atol=2e-5, rtol=1e-4,

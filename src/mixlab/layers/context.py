@@ -9,7 +9,9 @@ The gates here rescale features with a context summary; they are not A·V aggreg
 * :class:`BAM` (Park et al., "BAM: Bottleneck Attention Module", BMVC 2018).
 
 The blocks that are context aggregation ``Y = X + (A·V)·W`` (non-local, criss-cross, global
-context) are mixers and live in :mod:`mixlab.mixers.context`. Every module takes and returns
+context) are mixers and live in :mod:`mixlab.mixers.context`; the Learnable Tree Filter v2
+(filtering along a minimum spanning tree of the feature grid) in
+:mod:`mixlab.mixers.tree_filter`. Every module takes and returns
 a channels-last (B, H, W, C) map, like the mixers; convolutions see ``x.permute(0, 3, 1, 2)``.
 
 :data:`CONTEXT_MODULES` names them all for ``create_model("resnet50", context=NAME, ...)``
@@ -26,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..mixers.context import CrissCrossAttention, GlobalContextBlock, NonLocalBlock
+from ..mixers.tree_filter import TreeFilterBlock
 
 
 def _nchw(x: torch.Tensor) -> torch.Tensor:
@@ -172,6 +175,8 @@ CONTEXT_MODULES: dict[str, ContextModuleInfo] = {
     "crisscross": ContextModuleInfo(CrissCrossAttention, {"recurrence": 2}, "stage", (1, 2, 3),
                                     "RCCA (R = 2) after res3, res4, res5 (the seed's Mask R-CNN placement)"),
     "gc": ContextModuleInfo(GlobalContextBlock, {}, "block", (0, 1, 2, 3), "GC r16: every bottleneck"),
+    "tree_filter": ContextModuleInfo(TreeFilterBlock, {"groups": 16}, "stage", (1, 2, 3),
+                                     "LTF-v2 (16 groups, self-guided) after res3, res4, res5"),
 }
 
 
@@ -226,4 +231,5 @@ def context_spec(name: str | None, stages=None, placement: str | None = None, nu
 
 
 __all__ = ["SqueezeExcite", "GatherExcite", "BAM", "NonLocalBlock", "CrissCrossAttention", "GlobalContextBlock",
+           "TreeFilterBlock",
            "CONTEXT_MODULES", "ContextModuleInfo", "ContextSpec", "context_spec", "PLACEMENTS"]

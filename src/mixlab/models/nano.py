@@ -72,11 +72,16 @@ NANO_ZOO_SPECS: dict[str, str] = {
     # EfficientFormer: pooling 4D blocks, then one attention (3D) block with a learned offset bias
     "nano_efficientformer": ("conv2 / meta4d:2x40 / meta4d:2x80 / meta4d:3x160"
                              " / meta3d:1x160:downsample=none,heads=4,key_dim=32"),
+    # Learnable Tree Filter v2: filtering along a minimum spanning tree of the feature grid
+    "nano_treefilter": "patch2 / treefilter:2x40 / treefilter:2x80 / treefilter:4x160",
 }
 
 #: nano models of families whose blocks are not spec mixers, registered in their own modules
-#: (CaiT's class-attention stage, ConViT's locally initialised GPSA)
-NANO_ZOO_CLASSES: tuple[str, ...] = ("nano_cait", "nano_convit")
+#: (CaiT's class-attention stage, ConViT's locally initialised GPSA, ViT_C's convolutional stem, the
+#: class token of PVT's and CvT's last stage, CETNet's convolutional embeddings, CoAtNet's MBConv
+#: stages, BoTNet's and LR-Net's ResNet skeleton)
+NANO_ZOO_CLASSES: tuple[str, ...] = ("nano_cait", "nano_convit", "nano_vit_c", "nano_pvt", "nano_cvt", "nano_cetnet",
+                                      "nano_coatnet", "nano_botnet", "nano_lrnet")
 
 #: the arena's names for line-ups
 LINE_UPS: dict[str, tuple[str, ...]] = {

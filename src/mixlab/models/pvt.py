@@ -132,7 +132,9 @@ class PVT(MixlabModel):
     ``embed_dims[i]``. The class token joins the last stage, whose reduction must be 1.
 
     ``global_pool``: 'token' (the class token, the paper's) or 'avg' (the grid tokens);
-    ``embed_layer``: see the module docstring (None: the paper's embedding).
+    ``embed_layer``: see the module docstring (None: the paper's embedding); ``conv_embed=True``:
+    CETNet's convolutional stem and embeddings (:func:`mixlab.models.cetnet.cetnet_embed_layer`,
+    the CETNet paper's experiment of putting its embedding into PVT).
     """
 
     def __init__(self, img_size=224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
@@ -140,8 +142,16 @@ class PVT(MixlabModel):
                  mlp_ratios: Sequence[float] = (8, 8, 4, 4), depths: Sequence[int] = (3, 4, 6, 3),
                  sr_ratios: Sequence[int] = (8, 4, 2, 1), qkv_bias: bool = True, global_pool: str = "token",
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 embed_layer: Callable[[int, int, int, int], nn.Module] | None = None):
+                 embed_layer: Callable[[int, int, int, int], nn.Module] | None = None, conv_embed: bool = False):
         super().__init__(in_chans, num_classes, img_size)
+        if conv_embed:  # CETNet's experiment: its convolutional stem and embeddings in place of PVT's
+            if embed_layer is not None:
+                raise ValueError("give either embed_layer or conv_embed=True, not both")
+            if patch_size != 4:
+                raise ValueError(f"conv_embed=True uses CETNet's stride-4 convolutional stem: patch_size must be 4, "
+                                 f"got {patch_size}")
+            from .cetnet import cetnet_embed_layer
+            embed_layer = cetnet_embed_layer
         n = len(depths)
         lists = dict(embed_dims=embed_dims, num_heads=num_heads, mlp_ratios=mlp_ratios, sr_ratios=sr_ratios)
         bad = [f"{k} has {len(v)}" for k, v in lists.items() if len(v) != n]
@@ -192,6 +202,10 @@ class PVT(MixlabModel):
 
         self.apply(init_weights_vit)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if conv_embed:
+            from .cetnet import init_weights_cetnet
+            for stage in self.stages:
+                stage.embed.apply(init_weights_cetnet)
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token"}  # the authors' choice: the position embeddings are decayed

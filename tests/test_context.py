@@ -310,3 +310,19 @@ def test_info_set_passes_model_options(capsys):
     assert "out of range" in capsys.readouterr().err
     assert main(["info", "resnet50", "--set", "context"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_context_modules_in_spec_models():
+    """Any CNN written as a specification takes a context module after a stage (``context=NAME``), which keeps
+    its own initialisation (GC's zero-initialised last layer makes it the identity at first)."""
+    torch.manual_seed(0)
+    m = create_model("spec:conv2 / basic:1x16 / basic:1x32:context=gc", img_size=32, num_classes=3)
+    gc = m.stages[1].blocks[-1]
+    assert isinstance(gc, GlobalContextBlock) and "context=gc" in m.stage_mixers[1]
+    assert gc.transform[-1].weight.abs().sum() == 0
+    x = torch.randn(2, 32, 8, 8).permute(0, 2, 3, 1)
+    torch.testing.assert_close(gc(x), x)
+    y = m(torch.randn(2, 3, 32, 32))
+    y.sum().backward()
+    with pytest.raises(ValueError, match="context 'senet' is not one of none, se, ge"):
+        create_model("spec:conv2 / basic:1x16:context=senet", img_size=32)

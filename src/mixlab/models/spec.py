@@ -35,14 +35,18 @@ bottleneck     ResNet-50's block: 1x1, dense 3x3, 1x1 (width/4 inside), BatchNor
 =============  ==================================================================  =========
 
 Other families add their mixers with :func:`register_spec_mixer` (``MIXERS`` lists every
-one, with its options and defaults). Every stage also takes ``mlp_ratio``, ``downsample`` and ``pos``. A stage after the first
+one, with its options and defaults). Every stage also takes ``mlp_ratio``, ``downsample``, ``pos`` and
+``context``. A stage after the first
 halves the resolution by ``downsample``: ``conv`` (LayerNorm + 2x2 stride-2 convolution,
 ConvNeXt's way; the default), ``merge`` (Swin's patch merging), ``stride`` (ResNet's way: the
 first block's 3x3 convolution strides by 2, with a projection shortcut; the default, and only
 choice besides ``none``, for ``basic`` and ``bottleneck``) or ``none`` (same resolution and
 width). ``pos`` adds a position encoding at the start of the stage: ``abs`` (a learned
 absolute embedding, ViT's; resampled for other input sizes), ``cpe`` (a conditional one, a
-3x3 depthwise convolution of the features) or ``none`` (the default).
+3x3 depthwise convolution of the features) or ``none`` (the default). ``context`` appends a
+global context module after the stage's blocks (one of :data:`mixlab.layers.context.CONTEXT_MODULES`:
+se, ge, ge_theta, bam, nonlocal, crisscross, gc, tree_filter; default ``none``), e.g.
+``basic:2x80:context=gc``: any CNN written as a spec gets them, as ``resnet50`` does with ``context=``.
 """
 from __future__ import annotations
 
@@ -99,7 +103,7 @@ def register_spec_mixer(name: str, options: dict, description: str, block) -> No
     MIXERS[name] = (dict(options), description)
     SPEC_BLOCKS[name] = block
 
-STAGE_KEYS = {"mixer", "depth", "width", "downsample", "mlp_ratio", "pos"}
+STAGE_KEYS = {"mixer", "depth", "width", "downsample", "mlp_ratio", "pos", "context"}
 DOWNSAMPLES = ("conv", "merge", "stride", "none")
 POS = ("none", "abs", "cpe")
 STEMS = ("patch", "conv")
@@ -197,7 +201,12 @@ def _check_stage(i: int, st: dict) -> dict:
     pos = st.get("pos", "none")
     if pos not in POS:
         raise SpecError(f"stage {i} ({mixer}): pos {pos!r} is not one of {', '.join(POS)}")
-    return {**opts, "mlp_ratio": None, **st, "downsample": down, "pos": pos}
+    context = st.get("context", "none")
+    if context != "none":
+        from ..layers.context import CONTEXT_MODULES
+        if context not in CONTEXT_MODULES:
+            raise SpecError(f"stage {i} ({mixer}): context {context!r} is not one of none, {', '.join(CONTEXT_MODULES)}")
+    return {**opts, "mlp_ratio": None, **st, "downsample": down, "pos": pos, "context": context}
 
 
 def check_spec(source) -> dict:
@@ -241,7 +250,7 @@ class SpecNet(HierarchicalModel):
 
         dpr = stochastic_depth_rates(drop_path_rate, [s["depth"] for s in stages_cfg])
         ln = partial(nn.LayerNorm, eps=1e-6)
-        stages, info, mixers = [], [], []
+        stages, info, mixers, contexts = [], [], [], []
         prev = width0
         for i, st in enumerate(stages_cfg):
             w = st["width"]
@@ -266,6 +275,11 @@ class SpecNet(HierarchicalModel):
             ratio = st["mlp_ratio"] or default_ratio
             blocks = [self._block(st, w, grid, ratio, dpr[i][j], j, drop_rate,
                                   block_in if j == 0 else w, stride if j == 0 else 1) for j in range(st["depth"])]
+            if st["context"] != "none":  # a global context module after the stage's blocks
+                from ..layers.context import CONTEXT_MODULES
+                info_ctx = CONTEXT_MODULES[st["context"]]
+                blocks.append(info_ctx.cls(w, **info_ctx.kwargs))
+                contexts.append(blocks[-1])
             stages.append(Stage(down, blocks))
             info.append(dict(num_chs=w, reduction=reduction, module=f"stages.{i}"))
             mixers.append(self._describe(st))
@@ -274,7 +288,10 @@ class SpecNet(HierarchicalModel):
                          head=ClassifierHead(prev, num_classes, pool="avg", drop_rate=drop_rate),
                          feature_info=info, stage_mixers=mixers)
         self.spec = {**spec, "mlp_ratio": default_ratio}
+        kept = [copy.deepcopy(c.state_dict()) for c in contexts]  # context modules keep their own init
         self.apply(init_weights_vit)
+        for c, state in zip(contexts, kept):
+            c.load_state_dict(state)
 
     @staticmethod
     def _describe(st: dict) -> str:
@@ -282,6 +299,8 @@ class SpecNet(HierarchicalModel):
         extra = {k: st[k] for k in MIXERS[st["mixer"]][0]}
         if st["pos"] != "none":
             extra["pos"] = st["pos"]
+        if st["context"] != "none":
+            extra["context"] = st["context"]
         return f"{desc} ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else desc
 
     @staticmethod

@@ -100,6 +100,6 @@ def test_readme_zoo_arena_figures_are_the_committed_report():
     rows = {r["model"]: r for r in results["results"]}
     assert sorted(rows) == sorted(expand_models(["nano-zoo"]))
     assert results["config"]["data"] == "digits" and results["environment"]["cpu cores"] == "2"
-    for name, label in (("nano_dwnet", "DWNet"), ("nano_replknet", "RepLKNet"), ("nano_shiftvit", "ShiftViT"),
-                        ("nano_convit", "ConViT"), ("nano_cait", "CaiT")):
+    for name, label in (("nano_replknet", "RepLKNet"), ("nano_coatnet", "CoAtNet"), ("nano_vit_c", "ViT_C"),
+                        ("nano_botnet", "BoTNet"), ("nano_convit", "ConViT"), ("nano_cait", "CaiT")):
         assert f"{label} {rows[name]['top1_mean']:.2f}%" in README, name

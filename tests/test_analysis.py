@@ -186,6 +186,7 @@ def test_scale_command_writes_png_and_json(tmp_path, capsys):
 # affinity explorer
 # --------------------------------------------------------------------------------------------
 from mixlab.analysis.affinity import capture_affinities, plot_depth, plot_query, query_map  # noqa: E402
+from mixlab.mixers.base import Mixer  # noqa: E402
 from mixlab.models.nano import LINE_UPS  # noqa: E402
 
 
@@ -205,6 +206,33 @@ def test_the_affinity_drawn_for_a_depthwise_convolution_is_its_kernel():
     corner = query_map(layer, (0, 0), (16, 16))
     torch.testing.assert_close(corner[:, :3, :3], kernel[:, 2:, 2:])
     assert corner[:, 3:].abs().sum() == 0 and corner[:, :, 3:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("name", ["nano_vit", "nano_coatnet"])
+def test_capture_sees_each_mixer_s_real_input_and_leaves_the_forward_alone(name):
+    """The recorded inputs are those of an undisturbed forward pass (CoAtNet's first attention widens its
+    channels: a hook that replaced outputs would break the forward; others would silently change it)."""
+    torch.manual_seed(0)
+    model = mixlab.create_model(name).eval()
+    image = torch.randn(1, 3, 32, 32)
+    inputs = {}
+    mixers = {n: m for n, m in model.named_modules() if isinstance(m, Mixer)}
+    def keep(key):
+        def hook(module, args):
+            inputs.setdefault(key, args[0].clone())
+        return hook
+
+    hooks = [m.register_forward_pre_hook(keep(n)) for n, m in mixers.items()]
+    with torch.no_grad():
+        logits = model(image)
+    for h in hooks:
+        h.remove()
+    layers = capture_affinities(model, image)
+    assert [la.name for la in layers] == list(mixers)
+    with torch.no_grad():
+        for la in layers:
+            torch.testing.assert_close(la.affinity, mixers[la.name].affinity(inputs[la.name])[0].float())
+        torch.testing.assert_close(model(image), logits)
 
 
 def test_attention_statistics_of_a_uniform_affinity():

@@ -93,8 +93,13 @@ def capture_affinities(model: nn.Module, image: torch.Tensor, layers=None, max_e
                                  + (" ..." if len(names) > 12 else ""))
         mixers = chosen
     seen: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, key=n: seen.setdefault(key, inp[0].detach()))
-             for n, m in mixers]
+
+    def record(key):
+        def hook(module, inputs, output):  # returns None: a forward hook's return value would replace the output
+            seen.setdefault(key, inputs[0].detach())
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in mixers]
     was_training = model.training
     model.eval()
     try:

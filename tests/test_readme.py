@@ -103,3 +103,17 @@ def test_readme_zoo_arena_figures_are_the_committed_report():
     for name, label in (("nano_replknet", "RepLKNet"), ("nano_coatnet", "CoAtNet"), ("nano_vit_c", "ViT_C"),
                         ("nano_botnet", "BoTNet"), ("nano_convit", "ConViT"), ("nano_cait", "CaiT")):
         assert f"{label} {rows[name]['top1_mean']:.2f}%" in README, name
+
+
+def test_readme_gallery_figures_are_the_committed_outputs():
+    """The analysis gallery's pictures exist, and the numbers quoted beside them are in their JSON."""
+    gallery = ROOT / "docs" / "gallery"
+    for png in ("erf/erf.png", "affinity/affinity.png", "robustness/robustness.png", "scale/scale.png"):
+        assert f"(docs/gallery/{png})" in README and (gallery / png).read_bytes()[:4] == b"\x89PNG"
+    erf = json.loads((gallery / "erf" / "erf.json").read_text())["results"]
+    large, small = (100 * r["area_ratio"]["0.5"] for r in erf[:2])
+    assert f"{large:.1f}% of the\nimage for the large kernels, {small:.1f}% for the 3x3s" in README
+    scale = {r["model"]: r["exponents"]["1"]["latency_tail"]
+             for r in json.loads((gallery / "scale" / "scale.json").read_text())["results"]}
+    assert f"as N^{scale['vit_tiny_patch16_224']:.2f} over the two largest sizes" in README
+    assert (f"N^{scale['swin_tiny_patch4_window7_224']:.2f} and N^{scale['convnext_tiny']:.2f}" in README)

@@ -230,7 +230,10 @@ def plot_query(image: torch.Tensor, layers: list[LayerAffinity], query: tuple[in
             ax = fig.add_subplot(len(shown), cols, r * cols + 2 + g)
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, alpha=0.35)
             lim = float(up[g].abs().max()) or 1.0
-            ax.imshow(up[g].numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=0.75)
+            if bool((up[g] >= 0).all()):  # weights (softmax, pooling): a sequential map from zero
+                ax.imshow(up[g].numpy(), cmap="inferno", vmin=0, vmax=lim, alpha=0.8)
+            else:  # signed (convolution kernels, token MLPs): a diverging map around zero
+                ax.imshow(up[g].numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=0.75)
             ax.plot([query[0]], [query[1]], "k+", ms=8)
             ax.set_title(f"group {g}", fontsize=6)
             ax.axis("off")

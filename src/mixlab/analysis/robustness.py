@@ -15,9 +15,10 @@ to shuffled patches:
   shuffled and the border stays;
 * **Gaussian noise** of standard deviation σ (in units of the dataset's standard deviation, the
   normalised space the model sees): σ = 0.1, 0.25, 0.5, 1.0;
-* **input size**: the images resized (bilinear) to s times the training size, s = 0.5 … 1.5; a
-  model that cannot take a size (a fixed token count, a stride that does not divide) gets no
-  number for it, with the reason.
+* **input size**: the images resized (bilinear) to s times the training size, s = 0.5 … 1.5,
+  each side rounded to the nearest multiple of the model's first stride (its patch or stem
+  stride, which the input must divide); a model that cannot take a size (a fixed token count)
+  gets no number for it, with the reason.
 
 Everything is seeded: the same command gives the same numbers. :func:`evaluate_robustness`
 returns them; :func:`plot_robustness` draws one panel per perturbation, a line per model.
@@ -112,9 +113,14 @@ def gaussian_noise(x: torch.Tensor, sigma: float, generator=None) -> torch.Tenso
     return x + sigma * torch.randn(x.shape, generator=generator, dtype=x.dtype)
 
 
-def resize(x: torch.Tensor, scale: float) -> torch.Tensor:
+def resized_size(hw, scale: float, multiple: int = 1) -> tuple[int, int]:
+    """``scale`` times the size ``hw``, each side rounded to the nearest multiple of ``multiple``."""
+    return tuple(max(multiple, round(n * scale / multiple) * multiple) for n in hw)
+
+
+def resize(x: torch.Tensor, scale: float, multiple: int = 1) -> torch.Tensor:
     H, W = x.shape[-2:]
-    size = (max(1, round(H * scale)), max(1, round(W * scale)))
+    size = resized_size((H, W), scale, multiple)
     return x if size == (H, W) else F.interpolate(x, size=size, mode="bilinear", align_corners=False,
                                                    antialias=scale < 1)
 
@@ -126,10 +132,12 @@ class RobustnessResult:
     clean_top1: float
     curves: dict[str, list[tuple[float, float | None]]] = field(default_factory=dict)  # name -> (level, top-1)
     errors: dict[str, str] = field(default_factory=dict)  # "resolution 0.5" -> why not measured
+    sizes: dict[float, tuple[int, int]] = field(default_factory=dict)  # resolution scale -> the input size used
 
     def to_dict(self) -> dict:
         return {"model": self.model, "images": self.images, "clean_top1": self.clean_top1,
-                "curves": {k: [list(p) for p in v] for k, v in self.curves.items()}, "errors": self.errors}
+                "curves": {k: [list(p) for p in v] for k, v in self.curves.items()}, "errors": self.errors,
+                "resolution_sizes": {str(k): list(v) for k, v in self.sizes.items()}}
 
 
 def _top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
@@ -163,9 +171,12 @@ def evaluate_robustness(model: nn.Module, images: torch.Tensor, labels: torch.Te
         res.curves["gaussian noise"] = [(s, _top1(model, gaussian_noise(images, s, g), labels, batch_size))
                                         for s in noise]
         curve = []
+        # sizes the model's stem can cut: the multiple of its first stage's stride nearest s times the size
+        multiple = int(getattr(model, "feature_info", [{}])[0].get("reduction", 1) or 1)
+        res.sizes = {s: resized_size(images.shape[-2:], s, multiple) for s in scales}
         for s in scales:
             try:
-                curve.append((s, _top1(model, resize(images, s), labels, batch_size)))
+                curve.append((s, _top1(model, resize(images, s, multiple), labels, batch_size)))
             except (ValueError, RuntimeError) as e:
                 curve.append((s, None))
                 res.errors[f"resolution {s}"] = str(e).splitlines()[0]
@@ -192,7 +203,9 @@ def plot_robustness(results: list[RobustnessResult]):
             pts = [(a, b) for a, b in r.curves.get(key, []) if b is not None]
             if pts:
                 ax.plot([a for a, _ in pts], [b for _, b in pts], "o-", label=r.model, ms=3)
-        ax.set(title=key, xlabel=_AXES[key], ylabel="top-1 (%)", ylim=(0, 100))
+        ax.set(title=key, xlabel=_AXES[key], ylim=(0, 100))
+        if k == 0:
+            ax.set_ylabel("top-1 (%)")
         if key == "patch shuffle":
             ax.set_xscale("log", base=2)
         ax.grid(True, alpha=0.3)

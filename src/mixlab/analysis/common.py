@@ -114,9 +114,9 @@ def _jsonable(obj):
 
 
 def load_image(path, model: nn.Module) -> torch.Tensor:
-    """An image file as the (1, C, H, W) input of ``model``: decoded with torchvision, converted to the
+    """An image file as the (1, C, H, W) input of ``model``: decoded with Pillow, converted to the
     model's channels (grey or RGB), resized to its input size, normalised with its mean and std."""
-    from torchvision.io import ImageReadMode, decode_image
+    from PIL import Image, UnidentifiedImageError
     from torchvision.transforms import v2
 
     path = Path(path)
@@ -126,9 +126,10 @@ def load_image(path, model: nn.Module) -> torch.Tensor:
     if c not in (1, 3):
         raise ValueError(f"image files give 1 or 3 channels; this model takes {c}")
     try:
-        img = decode_image(str(path), mode=ImageReadMode.RGB if c == 3 else ImageReadMode.GRAY)
-    except RuntimeError as e:
-        raise ValueError(f"cannot read {str(path)!r} as an image (JPEG, PNG, GIF, WebP): {e}") from None
+        with Image.open(path) as im:
+            img = v2.functional.pil_to_tensor(im.convert("RGB" if c == 3 else "L"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read {str(path)!r} as an image (JPEG, PNG, GIF, WebP, ...): {e}") from None
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     mean = tuple(cfg.get("mean", (0.5,) * c))[:c]
     std = tuple(cfg.get("std", (0.5,) * c))[:c]

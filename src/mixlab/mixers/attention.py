@@ -8,15 +8,43 @@ import torch.nn.functional as F
 from .base import Mixer, flatten_tokens
 
 
-class Attention(Mixer):
+class QKVAttention(Mixer):
+    """What softmax attention mixers share once they have their queries, keys and values:
+    ``_qkv(x)`` returns q (B, heads, N, d) and k, v (B, heads, M, d); ``proj`` / ``proj_drop``
+    are the output transform W; ``scale`` multiplies q·kᵀ (1/sqrt(d): the value
+    ``F.scaled_dot_product_attention`` uses by default, which ``forward`` relies on)."""
+
+    affinity_kind = "dynamic"
+
+    def _qkv(self, x: torch.Tensor):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._qkv(x)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.project(o.transpose(1, 2).flatten(2), x)
+
+    def affinity(self, x: torch.Tensor) -> torch.Tensor:
+        """softmax(Q Kᵀ · scale): (B, heads, N, M)."""
+        q, k, _ = self._qkv(x)
+        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        """The (B, M, C) values (heads side by side)."""
+        return self._qkv(x)[2].transpose(1, 2).flatten(2)
+
+    def project(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj_drop(self.proj(y))
+        return y.reshape(x.shape[:-1] + y.shape[-1:])
+
+
+class Attention(QKVAttention):
     """Multi-head self-attention over all N positions (ViT / DeiT), through
     ``F.scaled_dot_product_attention``.
 
     Takes a (B, H, W, C) map or a (B, N, C) sequence (with class tokens, for ViT) and
     returns the same shape. ``affinity`` is (B, heads, N, N), rows summing to one.
     """
-
-    affinity_kind = "dynamic"
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, head_dim: int | None = None):
@@ -39,19 +67,3 @@ class Attention(Mixer):
         B, N, _ = t.shape
         qkv = self.qkv(t).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv.unbind(0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._qkv(x)
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.project(o.transpose(1, 2).flatten(2), x)
-
-    def affinity(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, _ = self._qkv(x)
-        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-
-    def values(self, x: torch.Tensor) -> torch.Tensor:
-        return self._qkv(x)[2].transpose(1, 2).flatten(2)
-
-    def project(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        y = self.proj_drop(self.proj(y))
-        return y.reshape(x.shape[:-1] + y.shape[-1:])

@@ -37,6 +37,18 @@ def flatten_tokens(x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"a mixer takes a (B, H, W, C) map or a (B, N, C) sequence, got shape {tuple(x.shape)}")
 
 
+def token_grid(x: torch.Tensor, grid_size: tuple[int, int]) -> tuple[int, int]:
+    """The (H, W) grid of a mixer's input: a map's own, or ``grid_size`` for a (B, N, C) sequence,
+    which must then hold exactly that many tokens (for mixers with per-position parameters)."""
+    if x.ndim == 4:
+        return x.shape[1], x.shape[2]
+    gh, gw = grid_size
+    if flatten_tokens(x).shape[1] != gh * gw:
+        raise ValueError(f"this mixer was built for a {gh}x{gw} grid ({gh * gw} tokens), got "
+                         f"{x.shape[1]} tokens; pass a (B, H, W, C) map for another grid")
+    return gh, gw
+
+
 def aggregate(A: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """Apply a grouped affinity A (B, G, N, M) to values V (B, M, C): returns (B, N, C)."""
     B, G, N, M = A.shape

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers.helpers import to_2tuple
-from .base import Mixer, flatten_tokens
+from .base import Mixer, flatten_tokens, token_grid
 from .window import relative_position_index
 
 __all__ = ["RelativeAttention", "resample_rel_bias_table"]
@@ -93,13 +93,7 @@ class RelativeAttention(Mixer):
         return f"heads={self.num_heads}, head_dim={self.head_dim}, grid_size={self.grid_size}, dim_out={self.dim_out}"
 
     def _grid(self, x: torch.Tensor) -> tuple[int, int]:
-        if x.ndim == 4:
-            return x.shape[1], x.shape[2]
-        gh, gw = self.grid_size
-        if flatten_tokens(x).shape[1] != gh * gw:
-            raise ValueError(f"this attention was built for a {gh}x{gw} grid ({gh * gw} tokens), got "
-                             f"{x.shape[1]} tokens; pass a (B, H, W, C) map for another grid")
-        return gh, gw
+        return token_grid(x, self.grid_size)
 
     def bias(self, H: int, W: int) -> torch.Tensor:
         """The (heads, N, N) bias ``w_{i-j}`` on an H x W grid (the table resampled if the grid

@@ -31,12 +31,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Mixer, flatten_tokens
+from .attention import QKVAttention
+from .base import flatten_tokens
 
 __all__ = ["SpatialReductionAttention"]
 
 
-class SpatialReductionAttention(Mixer):
+class SpatialReductionAttention(QKVAttention):
     """PVT's spatial-reduction attention (see the module docstring) on a (B, H, W, C) map;
     with ``sr_ratio`` 1 also on a (B, N, C) sequence. Returns the input's shape.
 
@@ -102,26 +103,7 @@ class SpatialReductionAttention(Mixer):
         k, v = kv.reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
 
-    # -- the contract ----------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._qkv(x)
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
-                                           scale=self.scale)
-        return self.project(o.transpose(1, 2).flatten(2), x)
-
-    def affinity(self, x: torch.Tensor) -> torch.Tensor:
-        """softmax(Q Kᵀ · scale) over the M reduced keys: (B, heads, N, M)."""
-        q, k, _ = self._qkv(x)
-        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-
-    def values(self, x: torch.Tensor) -> torch.Tensor:
-        """The (B, M, C) values of the reduced positions (heads side by side)."""
-        return self._qkv(x)[2].transpose(1, 2).flatten(2)
-
-    def project(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        y = self.proj_drop(self.proj(y))
-        return y.reshape(x.shape[:-1] + y.shape[-1:])
-
+    # -- the contract: QKVAttention's forward, affinity (B, heads, N, M), values (B, M, C), project --
     # -- for drawing -----------------------------------------------------------------------
     def input_affinity(self, x: torch.Tensor) -> torch.Tensor:
         """The affinity mapped back to input positions, (B, heads, N, N): each reduced key's

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from ..layers import ClassifierHead, DropPath, LayerScale, stochastic_depth_rates, to_2tuple
 from ..mixers import Mixer, Pooling, flatten_tokens
+from ..mixers.base import token_grid
 from ..registry import register_model
 from ..weights.convert import register_layout
 from .base import HierarchicalModel, Stage, build, init_weights_vit
@@ -118,13 +119,7 @@ class OffsetBiasAttention(Mixer):
                 f"grid_size={self.grid_size}")
 
     def _grid(self, x: torch.Tensor) -> tuple[int, int]:
-        if x.ndim == 4:
-            return x.shape[1], x.shape[2]
-        gh, gw = self.grid_size
-        if flatten_tokens(x).shape[1] != gh * gw:
-            raise ValueError(f"this attention was built for a {gh}x{gw} grid ({gh * gw} tokens), got "
-                             f"{x.shape[1]} tokens; pass a (B, H, W, C) map for another grid")
-        return gh, gw
+        return token_grid(x, self.grid_size)
 
     def bias(self, H: int, W: int) -> torch.Tensor:
         """The (heads, N, N) attention bias on an H x W grid."""

@@ -317,7 +317,8 @@ def cmd_affinity(args) -> int:
         try:
             qx, qy = (int(v) for v in args.query.split(","))
         except ValueError:
-            raise ValueError(f"--query must be x,y in input pixels, e.g. {W // 2},{H // 2}; got {args.query!r}") from None
+            raise ValueError(f"--query must be x,y in input pixels, e.g. {W // 2},{H // 2}; "
+                             f"got {args.query!r}") from None
     else:
         qx, qy = W // 2, H // 2
     layers = capture_affinities(model, image, layers=args.layer, max_elements=args.max_elements)
@@ -553,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("affinity", help="the affinity matrices of a model's mixers for one image: drawn for a query "
                        "position, with per-layer statistics across depth", description="Capture A of every spatial "
-                       "mixer (attention, windows, convolutions, pooling, MLPs, Container's mixed A) on one image, draw "
+                       "mixer (attention, windows, convolutions, pooling, MLPs, Container's mixed A) on one image, "
+                       "draw "
                        "the rows of a query position over the image, and measure mean distance, entropy, sparsity and "
                        "the static share per layer.")
     _analysis_arguments(s, "analysis/affinity")

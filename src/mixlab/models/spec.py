@@ -205,7 +205,8 @@ def _check_stage(i: int, st: dict) -> dict:
     if context != "none":
         from ..layers.context import CONTEXT_MODULES
         if context not in CONTEXT_MODULES:
-            raise SpecError(f"stage {i} ({mixer}): context {context!r} is not one of none, {', '.join(CONTEXT_MODULES)}")
+            raise SpecError(f"stage {i} ({mixer}): context {context!r} is not one of none, "
+                            f"{', '.join(CONTEXT_MODULES)}")
     return {**opts, "mlp_ratio": None, **st, "downsample": down, "pos": pos, "context": context}
 
 

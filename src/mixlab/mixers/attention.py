@@ -8,6 +8,23 @@ import torch.nn.functional as F
 from .base import Mixer, flatten_tokens
 
 
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+                     attn_drop: float, training: bool) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + bias)·v with a learned additive bias (relative positions, window masks).
+
+    PyTorch's fused CPU kernel gives no gradient for an attention mask, so when the bias needs
+    one SDPA falls back to its math path, whose safe softmax adds passes for fully masked rows
+    (which these biases never have) and which scales both q and k; the plain formula skips those
+    (Swin-T training step: see docs/performance.md). Otherwise SDPA with the bias as its mask.
+    """
+    if q.device.type == "cpu" and bias.requires_grad and torch.is_grad_enabled():
+        attn = ((q * scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+        if training and attn_drop > 0:
+            attn = F.dropout(attn, attn_drop)
+        return attn @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn_drop if training else 0.0)
+
+
 class QKVAttention(Mixer):
     """What softmax attention mixers share once they have their queries, keys and values:
     ``_qkv(x)`` returns q (B, heads, N, d) and k, v (B, heads, M, d); ``proj`` / ``proj_drop``

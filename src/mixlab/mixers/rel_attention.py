@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers.helpers import to_2tuple
+from .attention import biased_attention
 from .base import Mixer, flatten_tokens, token_grid
 from .window import relative_position_index
 
@@ -116,16 +117,7 @@ class RelativeAttention(Mixer):
         H, W = self._grid(x)
         q, k, v = self._qkv(x)
         bias = self.bias(H, W).unsqueeze(0).to(q.dtype)
-        if x.device.type == "cpu" and bias.requires_grad and torch.is_grad_enabled():
-            # PyTorch's fused CPU kernel has no gradient for the mask: the plain formula (as in
-            # WindowAttention) instead of SDPA's slower math fallback
-            attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
-            if self.training and self.attn_drop > 0:
-                attn = F.dropout(attn, self.attn_drop)
-            o = attn @ v
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                               dropout_p=self.attn_drop if self.training else 0.0)
+        o = biased_attention(q, k, v, bias, self.scale, self.attn_drop, self.training)
         return self.project(o.transpose(1, 2).flatten(2), x)
 
     def affinity(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import biased_attention
 from .base import Mixer
 from ..layers.helpers import to_2tuple
 
@@ -144,18 +145,8 @@ class WindowAttention(Mixer):
             bias = bias.reshape(1, nW * heads, n, n)
         else:
             q, k, v = (t.reshape(B * nW, heads, n, d) for t in (q, k, v))
-        if x.device.type == "cpu" and bias.requires_grad and torch.is_grad_enabled():
-            # PyTorch's fused CPU kernel gives no gradient for an attention mask, so SDPA falls
-            # back to its math path, whose safe softmax adds passes for fully masked rows (which
-            # windows never have: each holds at least one real position) and which scales both
-            # q and k; the plain formula skips those (Swin-T training step: see docs/performance.md)
-            attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
-            if self.training and self.attn_drop > 0:
-                attn = F.dropout(attn, self.attn_drop)
-            o = attn @ v
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                               dropout_p=self.attn_drop if self.training else 0.0)
+        # each window holds at least one real position: no fully masked row
+        o = biased_attention(q, k, v, bias, self.scale, self.attn_drop, self.training)
         o = o.view(B, nW, heads, n, d).transpose(2, 3).reshape(B, Hp // win[0], Wp // win[1], win[0], win[1], C)
         o = o.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
         if any(shift):

@@ -59,6 +59,22 @@ def patch_grid(img_size, patch_size) -> tuple[int, int]:
     return h // ph, w // pw
 
 
+def block_token_maps(blocks: Sequence[nn.Module], x: torch.Tensor, indices: list[int], norm: nn.Module,
+                     grid: tuple[int, int], num_prefix_tokens: int = 0) -> list[torch.Tensor]:
+    """Run a token model's ``blocks`` on the (B, P+N, C) sequence ``x`` up to the last of
+    ``indices`` and return the grid tokens after each block in ``indices`` as (B, C, h, w) maps
+    (after ``norm`` at the last block, as forward_features gives them), in the order asked for."""
+    h, w = grid
+    maps = {}
+    last = len(blocks) - 1
+    for i, blk in enumerate(blocks[: max(indices) + 1]):
+        x = blk(x)
+        if i in indices:
+            y = (norm(x) if i == last else x)[:, num_prefix_tokens:]
+            maps[i] = y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2)
+    return [maps[i] for i in indices]
+
+
 def init_weights_mixer(model: nn.Module) -> None:
     """The MLP-Mixer paper's init (also gMLP's): Xavier-uniform linear layers with tiny biases,
     a zero classifier (``head.*``), LeCun-normal patch convolutions."""

@@ -43,7 +43,7 @@ from ..layers import AbsolutePosEmbed, ClassifierHead, DropPath, LayerScale, Mlp
 from ..mixers.talking_heads import ClassAttention, TalkingHeadsAttention
 from ..registry import register_model
 from ..weights.convert import register_layout
-from .base import MixlabModel, build, init_weights_vit, patch_grid
+from .base import MixlabModel, block_token_maps, build, init_weights_vit, patch_grid
 from .blocks import MetaBlock
 
 __all__ = ["Cait", "ClassAttentionBlock", "TIMM_RULES"]
@@ -151,16 +151,8 @@ class Cait(MixlabModel):
         return self.norm(self.forward_cls(self.blocks(x)))
 
     def forward_intermediates(self, x: torch.Tensor, indices=None) -> list[torch.Tensor]:
-        idx = self._normalize_indices(indices)
-        x, (h, w) = self._embed(x)
-        maps = {}
-        last = len(self.blocks) - 1
-        for i, blk in enumerate(self.blocks[: max(idx) + 1]):
-            x = blk(x)
-            if i in idx:
-                y = self.norm(x) if i == last else x  # the patch tokens of forward_features at the last
-                maps[i] = y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2)
-        return [maps[i] for i in idx]  # in the order asked for
+        x, grid = self._embed(x)  # patch tokens only: the class token joins in forward_cls
+        return block_token_maps(self.blocks, x, self._normalize_indices(indices), self.norm, grid)
 
 
 def _cait(defaults: dict, kwargs: dict) -> Cait:

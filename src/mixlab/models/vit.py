@@ -15,7 +15,7 @@ import torch.nn as nn
 from ..layers import AbsolutePosEmbed, ClassifierHead, PatchEmbed, stochastic_depth_rates, to_2tuple
 from ..mixers import Attention
 from ..registry import register_model
-from .base import MixlabModel, build, init_weights_vit, patch_grid
+from .base import MixlabModel, block_token_maps, build, init_weights_vit, patch_grid
 from .blocks import MetaBlock
 
 
@@ -102,17 +102,9 @@ class VisionTransformer(MixlabModel):
             self.head_dist = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(self, x: torch.Tensor, indices=None) -> list[torch.Tensor]:
-        idx = self._normalize_indices(indices)
-        x, (h, w) = self._embed(x)
-        maps = {}
-        last = len(self.blocks) - 1
-        for i, blk in enumerate(self.blocks[: max(idx) + 1]):
-            x = blk(x)
-            if i in idx:
-                y = self.norm(x) if i == last else x
-                y = y[:, self.num_prefix_tokens:]
-                maps[i] = y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2)
-        return [maps[i] for i in idx]  # in the order asked for
+        x, grid = self._embed(x)
+        return block_token_maps(self.blocks, x, self._normalize_indices(indices), self.norm, grid,
+                                self.num_prefix_tokens)
 
 
 _SIZES = {

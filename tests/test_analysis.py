@@ -11,6 +11,7 @@ import mixlab
 from mixlab.analysis.erf import area_ratios, effective_receptive_field
 from mixlab.analysis.scale import _LiveTensorBytes, fit_exponent, measure_scaling
 from mixlab.cli import main
+from test_nano import mixer_calls
 
 
 def spec_model(spec: str, img_size: int, seed: int = 0):
@@ -215,18 +216,10 @@ def test_capture_sees_each_mixer_s_real_input_and_leaves_the_forward_alone(name)
     torch.manual_seed(0)
     model = mixlab.create_model(name).eval()
     image = torch.randn(1, 3, 32, 32)
-    inputs = {}
     mixers = {n: m for n, m in model.named_modules() if isinstance(m, Mixer)}
-    def keep(key):
-        def hook(module, args):
-            inputs.setdefault(key, args[0].clone())
-        return hook
-
-    hooks = [m.register_forward_pre_hook(keep(n)) for n, m in mixers.items()]
+    inputs = {n: inp for n, (_, inp, _) in mixer_calls(model, image).items()}
     with torch.no_grad():
         logits = model(image)
-    for h in hooks:
-        h.remove()
     layers = capture_affinities(model, image)
     assert [la.name for la in layers] == list(mixers)
     with torch.no_grad():

@@ -19,6 +19,7 @@ from mixlab.models.blocks import MetaBlock  # noqa: E402
 from mixlab.models.coatnet import CoAtNet, MBConvBlock, RelAttnBlock  # noqa: E402
 from mixlab.weights import convert_state_dict, detect_format  # noqa: E402
 from test_parity import _fast_init, assert_same_logits, randomize_  # noqa: E402,F401
+from test_nano import mixer_calls  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops on a busy 2-core machine (conftest.py)
 
@@ -347,17 +348,7 @@ def test_nano_coatnet_runs_and_keeps_the_contract():
         m = mixlab.create_model("nano_coatnet", img_size=size, in_chans=chans)
         assert m(torch.randn(2, chans, size, size)).shape == (2, 10)
     model = mixlab.create_model("nano_coatnet", img_size=16).eval()
-    seen = {}
-    def keep(key):
-        def hook(mod, args, out):  # returns None: the output stays as it is
-            seen.setdefault(key, (mod, args[0].clone(), out.clone()))
-        return hook
-
-    hooks = [mod.register_forward_hook(keep(k)) for k, mod in model.named_modules() if isinstance(mod, Mixer)]
-    with torch.no_grad():
-        model(torch.randn(1, 3, 16, 16))
-    for h in hooks:
-        h.remove()
+    seen = mixer_calls(model, torch.randn(1, 3, 16, 16))
     assert len(seen) == 4
     for key, (mixer, x, out) in seen.items():
         with torch.no_grad():

@@ -24,6 +24,7 @@ from mixlab.models.cvt import AUTHORS_RULES, CvT, QuickGELU
 from mixlab.models.spec import MIXERS
 from mixlab.weights import convert_state_dict, detect_format
 from test_parity import _fast_init, randomize_  # noqa: F401
+from test_nano import mixer_calls
 
 D = 24
 
@@ -501,18 +502,7 @@ def test_every_mixer_keeps_the_contract_inside_the_network(name):
     eval mode), affinity and values only from that input (the class-token stage's square grid)."""
     torch.manual_seed(0)
     model = mixlab.create_model(name, img_size=16, in_chans=3, num_classes=10).eval()
-    seen = {}
-
-    def keep(key):
-        def hook(mod, args, out):  # returns None: the model's output stays as it is
-            seen.setdefault(key, (mod, args[0].clone(), out.clone()))
-        return hook
-
-    hooks = [m.register_forward_hook(keep(k)) for k, m in model.named_modules() if isinstance(m, Mixer)]
-    with torch.no_grad():
-        model(torch.randn(1, 3, 16, 16))
-    for h in hooks:
-        h.remove()
+    seen = mixer_calls(model, torch.randn(1, 3, 16, 16))
     assert seen
     for key, (m, x, out) in seen.items():
         with torch.no_grad():

@@ -14,6 +14,7 @@ from mixlab.analysis import count_macs, count_params
 from mixlab.mixers.local_relation import LocalRelation
 from mixlab.models.lrnet import LRBlock, LRNet, LRStem
 from test_parity import _fast_init, randomize_  # noqa: F401
+from test_nano import mixer_calls
 
 
 def close(actual, expected, atol=1e-10, rtol=1e-9):
@@ -224,21 +225,10 @@ def test_nano_lrnet_trains_one_step():
 
 def test_every_mixer_of_nano_lrnet_keeps_the_contract():
     """As tests/test_nano.py checks every nano model: the input each mixer really sees at 16x16."""
-    from mixlab.mixers import Mixer
     torch.manual_seed(0)
     model = mixlab.create_model("nano_lrnet", img_size=16).eval()
-    seen = {}
-
-    def keep(key):
-        def hook(mod, args, out):  # returns None: the model's output stays as it is
-            seen.setdefault(key, (mod, args[0].clone(), out.clone()))
-        return hook
-
-    hooks = [m.register_forward_hook(keep(k)) for k, m in model.named_modules() if isinstance(m, Mixer)]
+    seen = mixer_calls(model, torch.randn(1, 3, 16, 16))
     with torch.no_grad():
-        model(torch.randn(1, 3, 16, 16))
-        for h in hooks:
-            h.remove()
         assert len(seen) == 8
         for key, (mixer, x, out) in seen.items():
             A = mixer.affinity(x)

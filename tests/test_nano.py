@@ -48,28 +48,38 @@ def test_nano_models_run_on_small_images(name):
     assert {k: v.shape for k, v in same.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
 
 
+def mixer_calls(model, x, kind=None) -> dict:
+    """Run ``model`` on ``x`` without gradients and return, for every spatial mixer (or every
+    module of class ``kind``), ``{module name: (mixer, its input, its output)}`` at its first call:
+    the input each mixer really sees inside the network. Copies, since later in-place ops
+    (RepLKNet's ReLU) would change them; the hooks return None, so the model's output stays as it is."""
+    from mixlab.mixers import Mixer
+    kind = kind or Mixer
+    seen = {}
+
+    def keep(key):
+        def hook(mod, args, out):
+            seen.setdefault(key, (mod, args[0].clone(), out.clone()))
+        return hook
+
+    hooks = [m.register_forward_hook(keep(k)) for k, m in model.named_modules() if isinstance(m, kind)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_every_mixer_of_every_nano_model_keeps_the_contract(name):
     """Inside a whole network (the input each mixer really sees, eval mode): every spatial
     mixer whose aggregation is exactly A·V reproduces its forward from ``affinity`` and
     ``values``; the others (MLP-Mixer's two-layer token MLP) still give a well-formed A."""
-    from mixlab.mixers import Mixer
     torch.manual_seed(0)
     model = mixlab.create_model(name, img_size=16, in_chans=3, num_classes=10).eval()
-    seen = {}
-
-    def keep(key):
-        def hook(mod, args, out):
-            # copies: later in-place ops (RepLKNet's ReLU) would change them; returns None, so the
-            # model's output stays as it is
-            seen.setdefault(key, (mod, args[0].clone(), out.clone()))
-        return hook
-
-    hooks = [m.register_forward_hook(keep(k)) for k, m in model.named_modules() if isinstance(m, Mixer)]
-    with torch.no_grad():
-        model(torch.randn(1, 3, 16, 16))
-    for h in hooks:
-        h.remove()
+    seen = mixer_calls(model, torch.randn(1, 3, 16, 16))
     if name == "nano_resnet":  # dense 3x3 convolutions mix positions and channels at once: no affinity
         assert not seen
         return

@@ -19,6 +19,7 @@ from mixlab.mixers.sra import SpatialReductionAttention  # noqa: E402
 from mixlab.models.pvt import PVT, PVTPatchEmbed  # noqa: E402
 from mixlab.weights import convert_state_dict, detect_format  # noqa: E402
 from test_parity import _fast_init, randomize_  # noqa: E402,F401
+from test_nano import mixer_calls  # noqa: E402
 
 D = 24
 
@@ -408,14 +409,9 @@ def test_the_patch_embedding_is_replaceable():
 def _contract_inside(model, x):
     """Every SRA mixer of ``model`` reproduces its forward from affinity and values on the
     input it sees inside the network."""
-    seen = []
-    hooks = [mod.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp[0], out)))
-             for mod in model.modules() if isinstance(mod, SpatialReductionAttention)]
+    seen = mixer_calls(model, x, SpatialReductionAttention)
     with torch.no_grad():
-        model(x)
-        for h in hooks:
-            h.remove()
-        for mod, inp, out in seen:
+        for mod, inp, out in seen.values():
             close(mod.explicit_forward(inp), out)
     return seen
 

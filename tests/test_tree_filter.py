@@ -16,6 +16,7 @@ from mixlab.layers import context as ctx
 from mixlab.layers.tree_filter import (bfs_tree, grid_edges, minimum_spanning_tree,
                                        parent_edge_values, tree_filter)
 from mixlab.mixers.tree_filter import TreeFilterBlock, TreeFilterMixer
+from test_nano import mixer_calls
 from test_parity import _fast_init  # noqa: F401
 
 
@@ -250,16 +251,10 @@ def test_spec_mixer():
     assert "tree filter" in m.stage_mixers[0]
     x = randn(2, 3, 16, 16)
     assert m(x).shape == (2, 3)
-    seen = {}
-
-    def hook(mod, inp, out):
-        seen[mod] = (inp[0], out)
-
     mixers = [mod for mod in m.modules() if isinstance(mod, TreeFilterMixer)]
     assert [mx.groups for mx in mixers] == [4, 8]
-    handles = [mx.register_forward_hook(hook) for mx in mixers]
-    m(x)
-    for h in handles:
-        h.remove()
-    for mx, (inp, out) in seen.items():
-        torch.testing.assert_close(mx.explicit_forward(inp), out, atol=1e-10, rtol=0)
+    seen = mixer_calls(m, x, TreeFilterMixer)
+    assert len(seen) == 2
+    with torch.no_grad():
+        for mx, inp, out in seen.values():
+            torch.testing.assert_close(mx.explicit_forward(inp), out, atol=1e-10, rtol=0)

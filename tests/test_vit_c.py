@@ -22,6 +22,7 @@ from mixlab.models.vit import VisionTransformer  # noqa: E402
 from mixlab.models.vit_c import PAPER_FIGURES, ViTConvStem, VisionTransformerC  # noqa: E402
 from mixlab.weights import convert_state_dict, detect_format  # noqa: E402
 from test_parity import _fast_init, randomize_  # noqa: E402,F401
+from test_nano import mixer_calls  # noqa: E402
 
 SIZES = ("1gf", "4gf", "18gf", "36gf")
 VIT_P = {"1gf": "vit_p_1gf", "4gf": "vit_p_4gf", "18gf": "vit_base_patch16_224", "36gf": "vit_p_36gf"}
@@ -187,23 +188,19 @@ def test_tiny_forward_backward_and_api():
 def test_attention_mixers_keep_the_contract_inside_the_network():
     """The mixer is mixlab's Attention on the (B, 1 + N, C) sequence the conv stem produces."""
     m = randomize_(tiny(), 0).double().eval()
-    seen = {}
-    hooks = [blk.mixer.register_forward_hook(partial(lambda i, mod, inp, out: seen.__setitem__(i, (inp[0], out)), i))
-             for i, blk in enumerate(m.blocks)]
     for size in (32, 16, 24):
-        seen.clear()
+        seen = mixer_calls(m, randn(2, 3, size, size, seed=size))
+        assert len(seen) == len(m.blocks)
         with torch.no_grad():
-            m(randn(2, 3, size, size, seed=size))
             for i, blk in enumerate(m.blocks):
-                mixer, (inp, out) = blk.mixer, seen[i]
+                mixer, inp, out = seen[f"blocks.{i}.mixer"]
+                assert mixer is blk.mixer
                 assert isinstance(mixer, Attention) and mixer.affinity_kind == "dynamic" and mixer.exact_av
                 n = 1 + (size // 4) ** 2
                 A = mixer.affinity(inp)
                 assert A.shape == (2, 2, n, n)
                 close(A.sum(-1), torch.ones(2, 2, n, dtype=torch.float64))
                 close(mixer.explicit_forward(inp), out)
-    for h in hooks:
-        h.remove()
 
 
 # --------------------------------------------------------------------------------------------

@@ -555,9 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("affinity", help="the affinity matrices of a model's mixers for one image: drawn for a query "
                        "position, with per-layer statistics across depth", description="Capture A of every spatial "
                        "mixer (attention, windows, convolutions, pooling, MLPs, Container's mixed A) on one image, "
-                       "draw "
-                       "the rows of a query position over the image, and measure mean distance, entropy, sparsity and "
-                       "the static share per layer.")
+                       "draw the rows of a query position over the image, and measure mean distance, entropy, "
+                       "sparsity and the static share per layer.")
     _analysis_arguments(s, "analysis/affinity")
     s.add_argument("--image", help="an image file (default: an image of --data or of the run's data, else noise)")
     s.add_argument("--index", type=int, default=0, help="which validation image of the dataset (default 0)")

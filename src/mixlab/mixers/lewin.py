@@ -101,10 +101,7 @@ class LEWinAttention(WindowAttention):
         q, k, v, win, shift, padded, ids, mask = self._qkv_windows(x)
         B, nW, n, _ = q.shape
         q, k, v = (t.view(B, nW, n, self.num_heads, self.head_dim).transpose(2, 3) for t in (q, k, v))
-        bias = self._bias(win).unsqueeze(0)  # (1, heads, n, n)
-        if any(shift) or padded != tuple(x.shape[1:3]):
-            bias = bias + mask.to(device=x.device, dtype=bias.dtype).unsqueeze(1)  # (nW, heads, n, n)
-        return q, k, v, bias.to(q.dtype), win, shift, padded, ids
+        return q, k, v, self._window_bias(x, win, shift, padded, mask).to(q.dtype), win, shift, padded, ids
 
     def values(self, x: torch.Tensor) -> torch.Tensor:
         """V after its convolutional projection, (B, N, C) in the map's row-major order."""

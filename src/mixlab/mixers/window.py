@@ -127,10 +127,15 @@ class WindowAttention(Mixer):
         B, nW, n, C = xw.shape
         qkv = self.qkv(xw).view(B, nW, n, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
         q, k, v = qkv.unbind(0)  # (B, nW, heads, n, d)
-        bias = self._bias(win).unsqueeze(0)  # (1, heads, n, n)
+        return q, k, v, self._window_bias(x, win, shift, padded, mask).to(q.dtype), win, shift, padded, ids
+
+    def _window_bias(self, x: torch.Tensor, win, shift, padded, mask) -> torch.Tensor:
+        """The relative position bias, (1, heads, n, n), plus the shift/padding mask where windows
+        are shifted or padded, (nW, heads, n, n)."""
+        bias = self._bias(win).unsqueeze(0)
         if any(shift) or padded != tuple(x.shape[1:3]):
-            bias = bias + mask.to(device=x.device, dtype=bias.dtype).unsqueeze(1)  # (nW, heads, n, n)
-        return q, k, v, bias.to(q.dtype), win, shift, padded, ids
+            bias = bias + mask.to(device=x.device, dtype=bias.dtype).unsqueeze(1)
+        return bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape

@@ -126,6 +126,45 @@ def test_against_a_direct_per_window_computation(case, composability):
         assert (ours >= 0).all()
 
 
+@pytest.mark.parametrize("composability", LocalRelation.COMPOSABILITY)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_gradients_of_the_hand_written_window_sum(case, composability):
+    """forward's window sum has a hand-written backward (one gradient buffer for the k² shifted
+    views): finite differences agree with it for the input (which reaches the weights through
+    the queries and keys and the values directly), and autograd through the literal A·V
+    computation gives the same gradients for the input and every parameter."""
+    _, C, k, m, s, (B, H, W) = case
+    lr = layer(C, k, m, s, composability=composability).train()
+    x = randn(B, H, W, C).requires_grad_()
+    if x.numel() <= 600:  # the small cases (strides, uneven groups, clipped windows): finite differences are slow
+        assert torch.autograd.gradcheck(lr, (x,), eps=1e-6, atol=1e-6)
+    g = randn(*lr(x).shape, seed=3)
+    params = [x, *lr.parameters()]
+    ours = torch.autograd.grad((lr(x) * g).sum(), params)
+    literal = torch.autograd.grad((lr.explicit_forward(x) * g).sum(), params)
+    for a, b in zip(ours, literal):
+        close(a, b)
+
+
+def test_count_macs_adds_the_window_products_to_the_layer_and_every_module_above_it():
+    """The window products are elementwise (invisible to torch's counter): the layer states
+    them, k² per group for Φ and k² per channel for the sum, at every output position."""
+    B, H, W, C, k, m = 2, 5, 6, 16, 3, 8
+    lr = LocalRelation(C, k, m)
+    G, hidden, L = C // m, lr.prior[0].out_features, H * W
+    linear = B * L * C * G * 2 + k * k * (2 * hidden + hidden * G) + B * L * C * C  # query, key, prior, proj
+    assert count_macs(lr, torch.randn(B, H, W, C))[0] == linear + B * L * k * k * (G + C)
+    model = tiny().eval()
+    x = torch.randn(1, 3, 32, 32)
+    total, per_module = count_macs(model, x)
+    calls = mixer_calls(model, x, LocalRelation)
+    assert per_module[""] == total and len(calls) == 3  # the stem's layer and one per stage
+    for name, (mixer, inp, _) in calls.items():
+        assert per_module[name] == count_macs(mixer, inp)[0]  # the layer's own MACs, stated ones included
+    assert per_module["stem"] + per_module["stages.0"] + per_module["stages.1"] + per_module["head"] == total
+    assert "stages" not in per_module  # a ModuleList is never called: the counter's own figures leave it out too
+
+
 def test_geometry_prior_is_static_and_offsets_are_centred():
     lr = layer(16, 5, 8)
     off = lr.offsets()

@@ -132,10 +132,28 @@ EXTRA_FLOP_FORMULAS = {
 
 
 def count_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]:
-    """Total MACs of ``model(x)`` and MACs per module (keys: module names, '' = whole model)."""
+    """Total MACs of ``model(x)`` and MACs per module (keys: module names, '' = whole model).
+
+    A module whose work is elementwise products that the counter cannot see (LR-Net's local
+    relation layer) states it with a ``formula_macs(input_shape)`` method; those MACs are
+    added to the module and to each module above it that was called (as the counter's own
+    figures are; a ModuleList is not called)."""
     counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
-    with counter, torch.no_grad():
-        model(x)
+    stated: dict[str, int] = {}
+
+    def hook(name):
+        def add(module, args, output):
+            stated[name] = stated.get(name, 0) + int(module.formula_macs(tuple(args[0].shape)))
+        return add
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if callable(getattr(m, "formula_macs", None))]
+    try:
+        with counter, torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
     prefix = type(model).__name__
     per_module = {}
     for key, ops in counter.get_flop_counts().items():
@@ -143,7 +161,13 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]:
             continue
         name = key[len(prefix) + 1:] if key.startswith(prefix + ".") else ("" if key == prefix else key)
         per_module[name] = sum(ops.values()) // 2
-    return counter.get_total_flops() // 2, per_module
+    ran = set(per_module) | {""}  # the modules that were called (a ModuleList is not), the model itself
+    for name, macs in stated.items():
+        parts = name.split(".") if name else []
+        owners = {".".join(parts[:i]) for i in range(len(parts))} & ran  # the called modules above it
+        for owner in owners | {name}:
+            per_module[owner] = per_module.get(owner, 0) + macs
+    return counter.get_total_flops() // 2 + sum(stated.values()), per_module
 
 
 def profile_model(model: nn.Module | str, img_size: int | tuple | None = None, in_chans: int | None = None,

@@ -27,10 +27,20 @@ then a 1x1 projection W, part of the layer (Fig. 2 of the paper ends the layer w
 * stride s: queries at input positions (0, s, 2s, ...), windows centred there, as the
   CUDA operator does; the output is ceil(H/s) x ceil(W/s).
 
-:meth:`LocalRelation.forward` unfolds keys and values over the windows (``F.unfold``, zero
-padding, and a validity mask); :meth:`affinity` scatters the window weights into the dense
-(B, G, N_out, N_in) matrix, zero outside each window (with G = C, each channel's copy of
-its group's weights, when the groups are uneven). ``explicit_forward == forward`` exactly.
+:meth:`LocalRelation.forward` runs over the k² taps of the window: for each tap, the
+logits of all windows at once from a shifted view of the (zero-padded) keys, then, after
+the softmax, the weighted shifted view of the input added into the output — elementwise
+work on views, with no unfolded (B, C·k², L) copy of the input; taps outside the image have
+weight zero (their logit is -inf). :meth:`affinity` scatters the window weights into the
+dense (B, G, N_out, N_in) matrix, zero outside each window (with G = C, each channel's copy
+of its group's weights, when the groups are uneven). ``explicit_forward == forward``
+exactly.
+
+MACs: the window products are elementwise, which ``torch.utils.flop_counter`` does not
+count, so the layer states them (:meth:`LocalRelation.formula_macs`, added by
+:func:`mixlab.analysis.count_macs`): per output position, k² for Φ per group (one product
+per tap) and k² per channel for the aggregation, every tap of the window counted (as a
+k x k convolution counts its padding).
 """
 from __future__ import annotations
 
@@ -110,26 +120,27 @@ class LocalRelation(Mixer):
         w = self.prior[0].weight
         return self.prior(self.offsets(w.device, w.dtype)).t()
 
+    def valid_taps(self, H: int, W: int, device=None) -> torch.Tensor:
+        """(k², L) bool: which taps of each output position's window lie inside the H x W input."""
+        k, p, s = self.kernel_size, self.kernel_size // 2, self.stride
+        return F.unfold(torch.ones(1, 1, H, W, device=device), k, padding=p, stride=s)[0] > 0
+
+    def _tap_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, G, k², L), -inf at taps outside the image."""
+        B, H, W, _ = x.shape
+        k, p, s = self.kernel_size, self.kernel_size // 2, self.stride
+        q = self.query(x[:, ::s, ::s]).permute(0, 3, 1, 2).reshape(B, self.groups, 1, -1)  # (B, G, 1, L)
+        # the keys have G channels (C/m), so their unfolded copy is small
+        keys = F.unfold(self.key(x).permute(0, 3, 1, 2), k, padding=p, stride=s).view(B, self.groups, k * k, -1)
+        content = q * keys if self.composability == "dot" else -(q - keys).square()
+        logits = content * self.scale + self.geometry_prior().unsqueeze(-1)
+        return logits.masked_fill(~self.valid_taps(H, W, x.device), float("-inf"))
+
     def window_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, G, L, k²) for the k² taps of the L = H_out·W_out windows, -inf at taps
         outside the image, and the (L, k²) validity mask."""
         B, H, W, _ = x.shape
-        k, p, s = self.kernel_size, self.kernel_size // 2, self.stride
-        Ho, Wo = self.out_size(H, W)
-        L = Ho * Wo
-        q = self.query(x[:, ::s, ::s]).reshape(B, L, self.groups).transpose(1, 2)  # (B, G, L)
-        keys = F.unfold(self.key(x).permute(0, 3, 1, 2), k, padding=p, stride=s)  # (B, G·k², L)
-        keys = keys.view(B, self.groups, k * k, L).transpose(2, 3)  # (B, G, L, k²)
-        valid = F.unfold(x.new_ones(1, 1, H, W), k, padding=p, stride=s)[0].t() > 0  # (L, k²)
-        if self.composability == "dot":
-            # q·k as a (1 x 1) @ (1 x k²) product per window, so that MAC counters see it
-            content = (q.reshape(B, self.groups, L, 1, 1) @ keys.unsqueeze(-2)).squeeze(-2)
-        else:
-            # -(q - k)², the square as a (1 x 1) @ (1 x 1) product per tap, so that MAC counters see it
-            d = (q.unsqueeze(-1) - keys).unsqueeze(-1).unsqueeze(-1)  # (B, G, L, k², 1, 1)
-            content = -(d @ d).reshape(B, self.groups, L, k * k)
-        logits = content * self.scale + self.geometry_prior().unsqueeze(1)
-        return logits.masked_fill(~valid, float("-inf")), valid
+        return self._tap_logits(x).transpose(2, 3), self.valid_taps(H, W, x.device).t()
 
     def window_weights(self, x: torch.Tensor) -> torch.Tensor:
         """ω: (B, G, L, k²), a softmax over each window's in-image taps (zero elsewhere)."""
@@ -168,18 +179,67 @@ class LocalRelation(Mixer):
         Ho, Wo = self.out_size(x.shape[1], x.shape[2])
         return self.proj(y).reshape(x.shape[0], Ho, Wo, -1)
 
+    def formula_macs(self, x_shape) -> int:
+        """MACs of the window products for an input of ``x_shape`` (B, H, W, C), which
+        ``torch.utils.flop_counter`` cannot see (they are elementwise): k² per group for Φ and
+        k² per channel for the aggregation, at each output position. The 1x1 projections are
+        matrix products and counted as such."""
+        B, H, W, C = x_shape
+        Ho, Wo = self.out_size(H, W)
+        return B * Ho * Wo * self.kernel_size ** 2 * (self.groups + C)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         B, H, W, C = x.shape
-        k, p, s = self.kernel_size, self.kernel_size // 2, self.stride
-        w = self.window_weights(x)  # (B, G, L, k²)
-        v = F.unfold(x.permute(0, 3, 1, 2), k, padding=p, stride=s)  # (B, C·k², L)
-        L = v.shape[-1]
-        # the window sums as (1 x k²) @ (k² x m) products, so that MAC counters see them
-        if C % self.m == 0:
-            v = v.view(B, self.groups, self.m, k * k, L).permute(0, 1, 4, 3, 2)  # (B, G, L, k², m)
-            y = (w.unsqueeze(-2) @ v).squeeze(-2).permute(0, 2, 1, 3).reshape(B, L, C)
-        else:
-            v = v.view(B, C, k * k, L).transpose(2, 3).unsqueeze(-1)  # (B, C, L, k², 1)
-            y = (w[:, self.channel_group].unsqueeze(-2) @ v).reshape(B, C, L).transpose(1, 2)
-        return self.project(y, x)
+        k, p, m = self.kernel_size, self.kernel_size // 2, self.m
+        Ho, Wo = self.out_size(H, W)
+        w = self._tap_logits(x).softmax(dim=2).unflatten(-1, (Ho, Wo))  # (B, G, k², Ho, Wo)
+        v = F.pad(x.permute(0, 3, 1, 2), (p, p, p, p))  # (B, C, H + 2p, W + 2p), zero outside
+        full = C // m  # groups of m channels; a last one of C - full·m channels when m does not divide C
+        y = _WindowSum.apply(w[:, :full], v[:, :full * m].unflatten(1, (full, m)), k, self.stride).flatten(1, 2)
+        if C % m:
+            last = _WindowSum.apply(w[:, full:], v[:, full * m:].unsqueeze(1), k, self.stride).flatten(1, 2)
+            y = torch.cat([y, last], dim=1)
+        return self.proj(y.permute(0, 2, 3, 1))  # (B, Ho, Wo, C)
+
+
+def _tap_views(t: torch.Tensor, k: int, s: int, Ho: int, Wo: int):
+    """The k² shifted views (..., Ho, Wo) of a padded map ``t`` (..., H + 2p, W + 2p), one per
+    window tap, row-major: view (dy, dx) holds the map at (s·i + dy, s·j + dx)."""
+    for dy in range(k):
+        for dx in range(k):
+            yield t[..., dy:dy + s * (Ho - 1) + 1:s, dx:dx + s * (Wo - 1) + 1:s]
+
+
+class _WindowSum(torch.autograd.Function):
+    """y[b, g, c] = Σ_t w[b, g, t] · shift_t(v[b, g, c]) over the k² taps t of the window:
+    ``w`` (B, G, k², Ho, Wo) the window weights, ``v`` (B, G, m, H + 2p, W + 2p) the padded
+    values, ``y`` (B, G, m, Ho, Wo). One multiply-add per tap on shifted views, forward and
+    backward, with the gradient of ``v`` accumulated in one buffer (autograd through the k²
+    views would allocate a zero-filled copy of ``v`` for each)."""
+
+    @staticmethod
+    def forward(ctx, w, v, k: int, s: int):
+        Ho, Wo = w.shape[-2:]
+        ctx.save_for_backward(w, v)
+        ctx.k, ctx.s = k, s
+        y = None
+        for t, vt in enumerate(_tap_views(v, k, s, Ho, Wo)):
+            wt = w[:, :, t].unsqueeze(2)
+            y = wt * vt if y is None else y.addcmul_(wt, vt)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        w, v = ctx.saved_tensors
+        Ho, Wo = w.shape[-2:]
+        gw = torch.empty_like(w) if ctx.needs_input_grad[0] else None
+        gv = torch.zeros_like(v) if ctx.needs_input_grad[1] else None
+        for t, vt in enumerate(_tap_views(v, ctx.k, ctx.s, Ho, Wo)):
+            if gw is not None:
+                torch.sum(g * vt, dim=2, out=gw[:, :, t])
+        if gv is not None:
+            for t, gvt in enumerate(_tap_views(gv, ctx.k, ctx.s, Ho, Wo)):
+                gvt.addcmul_(w[:, :, t].unsqueeze(2), g)
+        return gw, gv, None, None

@@ -205,3 +205,48 @@ def test_colours_are_distinct_and_table_text_readable():
         for c in cols:
             r, g, b = _readable(c)[:3]
             assert 0.2126 * r + 0.7152 * g + 0.0722 * b <= 0.45 + 1e-9  # dark enough on white
+
+
+def _seeded(name, top1):
+    return {"model": name, "label": name, "params": 1e6, "gmacs": 0.02, "seeds": [0, 1, 2],
+            "finished_seeds": list(range(len(top1))), "top1": top1,
+            "top1_mean": sum(top1) / len(top1) if top1 else None, "top1_std": 0.1, "best_top1_mean": None,
+            "train_images_per_s": 100.0, "infer_images_per_s": 500.0, "peak_memory_mb": 100.0,
+            "peak_memory_kind": "process peak RSS", "wall_s": 10.0, "curves": {}, "status": "done"}
+
+
+def test_the_gap_to_the_leader_is_tested_over_seeds(tmp_path):
+    """Welch's t-test on the per-seed top-1 against the leader (t and its degrees of freedom
+    computed here from the formula), for models with two seeds or more; no section while the
+    leader has a single seed."""
+    from scipy.stats import t as student_t
+
+    lead, far, near, single = [93.1, 93.3, 93.2], [90.0, 90.4, 90.1], [93.0, 93.4, 92.9], [95.0]
+    results = [_seeded("far", far), _seeded("lead", lead), _seeded("near", near), _seeded("single", single[:0])]
+    results[3].update(top1=[91.0], finished_seeds=[0], top1_mean=91.0)
+    write_report(tmp_path, results, CONFIG, ENV)
+    text = (tmp_path / "leaderboard.md").read_text()
+    assert "Against the leader, lead: Welch's t-test" in text
+    section = text.split("Against the leader")[1]
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                              for line in section.splitlines() if line.startswith("| "))}
+
+    def welch_p(a, b):
+        ma, mb = sum(a) / len(a), sum(b) / len(b)
+        va, vb = (sum((x - ma) ** 2 for x in a) / (len(a) - 1) / len(a),
+                  sum((x - mb) ** 2 for x in b) / (len(b) - 1) / len(b))
+        t = (ma - mb) / (va + vb) ** 0.5
+        df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+        return 2 * student_t.sf(abs(t), df), ma - mb
+
+    for name, acc in (("far", far), ("near", near)):
+        p, gap = welch_p(acc, lead)
+        assert rows[name][0] == f"{gap:+.2f}" and rows[name][2] == "3 / 3"
+        assert rows[name][1] == (f"{p:.3f}" if p >= 0.001 else "< 0.001")
+    assert float(rows["near"][1]) > 0.5 and rows["far"][1] in ("< 0.001", "0.001", "0.002")
+    assert "single" not in rows and "model" in rows  # the one-seed model is left out; the header row
+    assert "Seeds: is the gap real?" in (tmp_path / "index.html").read_text()
+    one = [_seeded("lead", [93.2]), _seeded("far", far)]  # the leader (by mean) has one seed: nothing to test
+    one[0]["top1_mean"] = 99.0
+    write_report(tmp_path / "one", one, CONFIG, ENV)
+    assert "Welch" not in (tmp_path / "one" / "leaderboard.md").read_text()

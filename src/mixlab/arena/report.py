@@ -4,7 +4,8 @@
 arena's exact configuration and a description of the environment, and writes
 into ``out_dir``:
 
-* ``leaderboard.md``   -- a clean Markdown table, ready to paste into a README;
+* ``leaderboard.md``   -- a clean Markdown table, ready to paste into a README, and (two
+  seeds or more) each model's gap to the leader with Welch's t-test p-value over seeds;
 * ``leaderboard.csv``  -- the same rows, full precision, machine-readable;
 * ``acc_vs_epoch.png``, ``acc_vs_gmacs.png``, ``acc_vs_throughput.png``;
 * ``index.html``       -- one self-contained page (plots embedded as data URIs);
@@ -114,6 +115,11 @@ def _markdown(summary: str, ranked: list[dict]) -> str:
     full = [(r.get("label"), r.get("model")) for r in ranked if r.get("label") and r.get("label") != r.get("model")]
     if full:  # shortened names: say in full what was trained
         lines += [""] + [f"- {_md_cell(str(label))}: `{_md_cell(str(model))}`" for label, model in full]
+    against = _against_leader(ranked)
+    if against and against[1]:
+        lines += ["", _against_text(against[0]), "", "| " + " | ".join(AGAINST_HEADER) + " |",
+                  "|---|---:|---:|---:|"]
+        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in against[1]]
     return "\n".join(lines) + "\n"
 
 
@@ -128,6 +134,41 @@ def _csv(ranked: list[dict]) -> str:
                    seeds=join(r.get("seeds")))
         writer.writerow(row)
     return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- seeds
+def _against_leader(ranked: list[dict]) -> tuple[str, list[list[str]]] | None:
+    """Whether the seeds support each model's gap to the leader: the leader's name and, per
+    other model with at least two finished seeds, [model, gap in top-1 points, Welch's t-test
+    p-value on the per-seed top-1, seeds of each]. None when the leader has fewer than two seeds."""
+    import math
+    import warnings
+
+    from scipy import stats
+
+    done = [r for r in ranked if len(r.get("top1") or []) >= 2]
+    if not done or done[0] is not ranked[0]:
+        return None
+    lead = done[0]
+    rows = []
+    for r in done[1:]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # zero variance in both: p undefined
+            p = stats.ttest_ind(r["top1"], lead["top1"], equal_var=False).pvalue
+        gap = sum(r["top1"]) / len(r["top1"]) - sum(lead["top1"]) / len(lead["top1"])
+        rows.append([str(r.get("label") or r.get("model")), f"{gap:+.2f}",
+                     DASH if math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else "< 0.001"),
+                     f"{len(r['top1'])} / {len(lead['top1'])}"])
+    return str(lead.get("label") or lead.get("model")), rows
+
+
+AGAINST_HEADER = ["model", "gap to #1 (top-1 points)", "p (Welch's t-test)", "seeds (model / #1)"]
+
+
+def _against_text(leader: str) -> str:
+    return (f"Against the leader, {leader}: Welch's t-test on the top-1 of the finished seeds; a small p "
+            f"(below 0.05, say) means the seeds support the gap, a large one that they cannot tell the two "
+            f"apart (with three seeds only a large gap can be told).")
 
 
 # ----------------------------------------------------------------------------- plots
@@ -294,6 +335,10 @@ def _html(title, summary, ranked, pngs, config, environment) -> str:
     specs = [(str(r.get("label")), str(r.get("model"))) for r in ranked if r.get("label") != r.get("model")]
     if specs:
         parts += ["<h2>Models</h2>", _html_table(["label", "model"], [list(s) for s in specs], {0, 1})]
+    against = _against_leader(ranked)
+    if against and against[1]:
+        parts += ["<h2>Seeds: is the gap real?</h2>", f"<p>{esc(_against_text(against[0]))}</p>",
+                  _html_table(AGAINST_HEADER, against[1], {0})]
     parts.append("<h2>Plots</h2>")
     for name, png in pngs.items():
         b64 = base64.b64encode(png).decode("ascii")

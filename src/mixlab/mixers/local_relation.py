@@ -27,11 +27,11 @@ then a 1x1 projection W, part of the layer (Fig. 2 of the paper ends the layer w
 * stride s: queries at input positions (0, s, 2s, ...), windows centred there, as the
   CUDA operator does; the output is ceil(H/s) x ceil(W/s).
 
-:meth:`LocalRelation.forward` runs over the k² taps of the window: for each tap, the
-logits of all windows at once from a shifted view of the (zero-padded) keys, then, after
-the softmax, the weighted shifted view of the input added into the output — elementwise
-work on views, with no unfolded (B, C·k², L) copy of the input; taps outside the image have
-weight zero (their logit is -inf). :meth:`affinity` scatters the window weights into the
+:meth:`LocalRelation.forward` unfolds the keys (G = C/m channels, a small copy) to get
+the logits of every window tap at once, then runs the window sum over the k² taps: for
+each, the weighted shifted view of the zero-padded input is added into the output
+(elementwise work on views, with no unfolded (B, C·k², L) copy of the input, and a
+hand-written backward); taps outside the image have weight zero (their logit is -inf). :meth:`affinity` scatters the window weights into the
 dense (B, G, N_out, N_in) matrix, zero outside each window (with G = C, each channel's copy
 of its group's weights, when the groups are uneven). ``explicit_forward == forward``
 exactly.

@@ -63,6 +63,43 @@ def test_module_shape_and_gradients(name, hw):
         assert sum(p.numel() for p in m.parameters()) == 0  # GE-θ⁻ is parameter-free
 
 
+@pytest.mark.parametrize("hw", [(8, 8), (6, 10)])
+def test_ge_theta_global_extent_is_a_learned_weighted_sum_over_the_whole_map(hw):
+    """GE-θ, global extent: one depthwise kernel of the map's size (a learned weight per channel
+    and position) and BatchNorm gather a 1x1 map; its sigmoid gates every position."""
+    C = 16
+    torch.manual_seed(0)
+    m = GatherExcite(C, extent=0, param=True, feat_size=hw)
+    assert sum(p.numel() for p in m.parameters()) == C * hw[0] * hw[1] + 2 * C
+    x = torch.randn(2, *hw, C, requires_grad=True)
+    m.eval()  # fresh running statistics: BN(z) = z / sqrt(1 + eps)
+    with torch.no_grad():
+        w = m.gather[0].weight[:, 0]  # (C, h, w)
+        z = torch.einsum("bhwc,chw->bc", x, w) / (1 + m.gather[1].eps) ** 0.5
+        torch.testing.assert_close(m(x), x * z.sigmoid()[:, None, None, :])
+    m.train()  # batch statistics
+    (m(x) * torch.randn(2, *hw, C)).sum().backward()
+    assert x.grad.abs().sum() > 0 and all(p.grad.abs().sum() > 0 for p in m.parameters())
+    with pytest.raises(ValueError, match=rf"built for {hw[0]}x{hw[1]} maps, got 9x9"):
+        m(torch.randn(1, 9, 9, C))
+    with pytest.raises(ValueError, match="needs feat_size"):
+        GatherExcite(C, extent=0, param=True)
+
+
+def test_ge_theta_global_in_resnet50_follows_the_stage_sizes():
+    """Each bottleneck's kernel covers its stage's map (56, 28, 14, 7 at 224; rounded up for odd
+    sizes, as the stem and strides do): ResNet-50 + GE-θ global has 31.11M parameters."""
+    with torch.device("meta"):
+        m = create_model("resnet50", context="ge_theta_global")
+        odd = create_model("resnet50", context="ge_theta_global", img_size=(100, 90))
+    sizes = [blk.context.feat_size for st in m.stages for blk in st.blocks]
+    assert sizes == [(56, 56)] * 3 + [(28, 28)] * 4 + [(14, 14)] * 6 + [(7, 7)] * 3
+    per_stage = ((3, 256, 56, 56), (4, 512, 28, 28), (6, 1024, 14, 14), (3, 2048, 7, 7))  # blocks, C, h, w
+    extra = sum(n * (c * h * w + 2 * c) for n, c, h, w in per_stage)  # kernel and BN per bottleneck
+    assert sum(p.numel() for p in m.parameters()) == 25_557_032 + extra == 31_106_600
+    assert [st.blocks[0].context.feat_size for st in odd.stages] == [(25, 23), (13, 12), (7, 6), (4, 3)]
+
+
 def test_rejects_nchw_or_tokens():
     with pytest.raises(ValueError, match="channels-last"):
         NonLocalBlock(8)(torch.randn(2, 8, 4))
@@ -170,18 +207,20 @@ def test_se_and_bam_are_the_papers_gates():
 
 # -- insertion into ResNet ----------------------------------------------------------------------
 def _tiny(**kw):
-    return ResNet(depths=(1, 1, 1, 1), widths=(8, 16, 16, 16), stem_width=8, num_classes=5, **kw)
+    return ResNet(**{**dict(depths=(1, 1, 1, 1), widths=(8, 16, 16, 16), stem_width=8, num_classes=5), **kw})
 
 
 # every module after a stage; inside every bottleneck those the papers put there (and one mixer)
 INSERTIONS = ([(n, "stage") for n in CONTEXT_MODULES]
-              + [(n, "block") for n in ("se", "ge", "ge_theta", "gc", "nonlocal")])
+              + [(n, "block") for n in ("se", "ge", "ge_theta", "ge_theta_global", "gc", "nonlocal")])
 
 
 @pytest.mark.parametrize("name,placement", INSERTIONS)
 def test_insertion_into_tiny_resnet(name, placement):
+    # the tree filter's edge term needs edges: a 2x2 map in the last stage, not 1x1
+    size = 64 if name == "tree_filter" else 32
     torch.manual_seed(0)
-    model = _wake(_tiny(context=name, context_stages=(1, 3), context_placement=placement))
+    model = _wake(_tiny(context=name, context_stages=(1, 3), context_placement=placement, img_size=size))
     ctx_keys = [k for k in model.state_dict() if ".context." in k]
     if name not in ("ge",):  # GE-θ⁻ has no parameters
         assert ctx_keys and all(k.startswith(("stages.1.", "stages.3.")) for k in ctx_keys)
@@ -189,8 +228,6 @@ def test_insertion_into_tiny_resnet(name, placement):
             assert all(".blocks.0.context." in k for k in ctx_keys)
         else:
             assert all(k.split(".")[2] == "context" for k in ctx_keys)
-    # the tree filter's edge term needs edges: a 2x2 map in the last stage, not 1x1
-    size = 64 if name == "tree_filter" else 32
     x = torch.randn(2, 3, size, size)
     y = model(x)
     assert y.shape == (2, 5)
@@ -218,10 +255,10 @@ def test_context_keeps_its_own_init():
     torch.testing.assert_close(model(x), plain(x))  # zero-init W_z BN: the block is the identity
 
 
-@pytest.mark.parametrize("name", ["bam", "nonlocal", "ge_theta"])
+@pytest.mark.parametrize("name", ["bam", "nonlocal", "ge_theta", "ge_theta_global"])
 def test_fuse_folds_context_batchnorms(name):
     torch.manual_seed(0)
-    model = _wake(_tiny(context=name, context_placement="stage")).eval()
+    model = _wake(_tiny(context=name, context_placement="stage", img_size=32)).eval()
     x = torch.randn(2, 3, 32, 32)
     y = model(x)
     torch.testing.assert_close(model.fuse()(x), y, rtol=1e-5, atol=1e-5)
@@ -285,7 +322,7 @@ def test_overheads_on_resnet50_meta():
 
 
 def test_option_errors_are_clear():
-    with pytest.raises(ValueError, match=r"unknown context module 'senet'.*se, ge, ge_theta, bam, nonlocal"):
+    with pytest.raises(ValueError, match=r"unknown context module 'senet'.*se, ge, ge_theta, ge_theta_global, bam, nonlocal"):
         create_model("resnet50", context="senet")
     with pytest.raises(ValueError, match=r"context stage 4 is out of range.*4 stages \(0\.\.3\)"):
         _tiny(context="se", context_stages=[1, 4])

@@ -68,17 +68,27 @@ class GatherExcite(nn.Module):
       positions), else a (2e-1) x (2e-1) average pool with stride e. Global average pooling
       is itself A·V with a uniform A = 1/N (every entry): :meth:`gather_affinity` returns it.
     * GE-θ (``param=True``): gather is log2(e) depthwise 3x3 stride-2 convolutions, each with
-      BatchNorm (ReLU between them), for an extent e = 2, 4, 8, ...
+      BatchNorm (ReLU between them), for an extent e = 2, 4, 8, ...; for the global extent
+      (``extent=0``) one depthwise convolution whose kernel covers the whole map, with
+      BatchNorm, so ``feat_size`` (the map's (h, w), fixed when the model is built) is needed.
 
     Excite: the gathered map is interpolated back (nearest) to H x W and passed through a sigmoid.
     """
 
-    def __init__(self, dim: int, extent: int = 0, param: bool = False):
+    def __init__(self, dim: int, extent: int = 0, param: bool = False, feat_size=None):
         super().__init__()
         self.extent, self.param = extent, param
-        if param:
+        self.feat_size = None
+        if param and extent == 0:
+            if feat_size is None:
+                raise ValueError("GE-θ with global extent needs feat_size, the (h, w) of the map it gathers "
+                                 "(its depthwise kernel covers the whole map)")
+            self.feat_size = (feat_size, feat_size) if isinstance(feat_size, int) else tuple(feat_size)
+            self.gather = nn.Sequential(nn.Conv2d(dim, dim, self.feat_size, groups=dim, bias=False),
+                                        nn.BatchNorm2d(dim))
+        elif param:
             if extent < 2 or extent & (extent - 1):
-                raise ValueError(f"GE-θ needs an extent that is a power of two >= 2, got {extent}")
+                raise ValueError(f"GE-θ needs an extent that is 0 (global) or a power of two >= 2, got {extent}")
             layers: list[nn.Module] = []
             for i in range(int(math.log2(extent))):
                 if i:
@@ -91,6 +101,9 @@ class GatherExcite(nn.Module):
     def gathered(self, x: torch.Tensor) -> torch.Tensor:
         """ξ_G(x) as an NCHW map (B, C, h, w) at the gather's resolution."""
         xc = _nchw(x)
+        if self.feat_size is not None and tuple(xc.shape[-2:]) != self.feat_size:
+            raise ValueError(f"GE-θ with global extent was built for {self.feat_size[0]}x{self.feat_size[1]} maps, "
+                             f"got {xc.shape[-2]}x{xc.shape[-1]}; build the model for this input size (img_size)")
         if self.param:
             return self.gather(xc)
         if self.extent == 0:
@@ -153,13 +166,22 @@ PLACEMENTS = ("block", "stage")
 class ContextModuleInfo:
     """A named context module: its factory ``cls(dim, **kwargs)``, default keyword arguments,
     and the placement its paper uses in a ResNet ('block': inside every bottleneck, on the
-    residual branch before the addition; 'stage': after the last block of each given stage)."""
+    residual branch before the addition; 'stage': after the last block of each given stage).
+    ``needs_size``: the module is built for one map size (``feat_size``, its (h, w))."""
 
     cls: Callable[..., nn.Module]
     kwargs: dict = field(default_factory=dict)
     placement: str = "block"
     stages: tuple = (0, 1, 2, 3)
     paper: str = ""
+    needs_size: bool = False
+
+    def build(self, dim: int, feat_size=None, **kwargs) -> nn.Module:
+        """The module for ``dim`` channels on maps of ``feat_size`` (h, w); ``kwargs`` override the defaults."""
+        kwargs = {**self.kwargs, **kwargs}
+        if self.needs_size:
+            kwargs["feat_size"] = feat_size
+        return self.cls(dim, **kwargs)
 
 
 #: name -> module; the stages are 0-based (stage 0 = res2/conv2_x ... stage 3 = res5/conv5_x)
@@ -169,6 +191,8 @@ CONTEXT_MODULES: dict[str, ContextModuleInfo] = {
                             "GE-θ⁻, global extent: every bottleneck"),
     "ge_theta": ContextModuleInfo(GatherExcite, {"extent": 8, "param": True}, "block", (0, 1, 2, 3),
                                   "GE-θ, extent 8: every bottleneck"),
+    "ge_theta_global": ContextModuleInfo(GatherExcite, {"extent": 0, "param": True}, "block", (0, 1, 2, 3),
+                                         "GE-θ, global extent: every bottleneck", needs_size=True),
     "bam": ContextModuleInfo(BAM, {}, "stage", (0, 1, 2), "BAM: after stages 0-2, at the network's "
                              "'bottlenecks' (before each downsampling)"),
     "nonlocal": ContextModuleInfo(NonLocalBlock, {}, "stage", (2,), "one non-local block after res4"),
@@ -189,8 +213,8 @@ class ContextSpec:
     placement: str
     kwargs: dict
 
-    def make(self, dim: int) -> nn.Module:
-        return CONTEXT_MODULES[self.name].cls(dim, **self.kwargs)
+    def make(self, dim: int, feat_size=None) -> nn.Module:
+        return CONTEXT_MODULES[self.name].build(dim, feat_size, **self.kwargs)
 
     def describe(self) -> str:
         where = "in every block" if self.placement == "block" else "after the stage"

@@ -4,6 +4,8 @@ per-channel context aggregation and has no ``affinity`` (the seeds contrast exac
 with the depthwise convolution)."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 
@@ -100,8 +102,8 @@ class ResNet(HierarchicalModel):
     """ResNet with bottleneck blocks: 7x7/2 stem + max pool, four stages (the first block
     of stages 2-4 strides by 2), global average pooling, classifier.
 
-    Global context modules (:mod:`mixlab.layers.context`: se, ge, ge_theta, bam, nonlocal,
-    crisscross, gc) are inserted with ``context=NAME``; ``context_stages`` (0-based stage
+    Global context modules (:mod:`mixlab.layers.context`: se, ge, ge_theta, ge_theta_global,
+    bam, nonlocal, crisscross, gc, tree_filter) are inserted with ``context=NAME``; ``context_stages`` (0-based stage
     indices, default: the module's paper placement), ``context_placement`` ('block': inside
     every bottleneck of those stages, before the residual addition; 'stage': after the last
     block of each of those stages) and ``context_args`` (the module's keyword arguments,
@@ -115,8 +117,11 @@ class ResNet(HierarchicalModel):
         ctx = context_spec(context, context_stages, context_placement, len(depths), context_args)
         made: list[nn.Module] = []
 
-        def make(dim: int) -> nn.Module:
-            made.append(ctx.make(dim))
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+
+        def make(dim: int, stage: int) -> nn.Module:
+            # the stage's map: the stem and each stride halve it, rounding up (padding 3 / 1 / 1)
+            made.append(ctx.make(dim, tuple(-(-n // (4 * 2 ** stage)) for n in size)))
             return made[-1]
 
         dpr = stochastic_depth_rates(drop_path_rate, depths)
@@ -127,9 +132,10 @@ class ResNet(HierarchicalModel):
             blocks = []
             for j in range(depth):
                 blocks.append(Bottleneck(prev, w, stride=2 if (i > 0 and j == 0) else 1, drop_path=dpr[i][j],
-                                         context=make if here and ctx.placement == "block" else None))
+                                         context=partial(make, stage=i) if here and ctx.placement == "block"
+                                         else None))
                 prev = w * Bottleneck.expansion
-            stages.append(_ContextStage(None, blocks, make(prev)) if here and ctx.placement == "stage"
+            stages.append(_ContextStage(None, blocks, make(prev, i)) if here and ctx.placement == "stage"
                           else Stage(None, blocks))
             info.append(dict(num_chs=prev, reduction=4 * 2 ** i, module=f"stages.{i}"))
             mixers.append("dense conv 3x3 (bottleneck)" + (f" + {ctx.describe()}" if here else ""))

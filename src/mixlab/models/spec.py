@@ -45,7 +45,7 @@ width). ``pos`` adds a position encoding at the start of the stage: ``abs`` (a l
 absolute embedding, ViT's; resampled for other input sizes), ``cpe`` (a conditional one, a
 3x3 depthwise convolution of the features) or ``none`` (the default). ``context`` appends a
 global context module after the stage's blocks (one of :data:`mixlab.layers.context.CONTEXT_MODULES`:
-se, ge, ge_theta, bam, nonlocal, crisscross, gc, tree_filter; default ``none``), e.g.
+se, ge, ge_theta, ge_theta_global, bam, nonlocal, crisscross, gc, tree_filter; default ``none``), e.g.
 ``basic:2x80:context=gc``: any CNN written as a spec gets them, as ``resnet50`` does with ``context=``.
 """
 from __future__ import annotations
@@ -279,7 +279,7 @@ class SpecNet(HierarchicalModel):
             if st["context"] != "none":  # a global context module after the stage's blocks
                 from ..layers.context import CONTEXT_MODULES
                 info_ctx = CONTEXT_MODULES[st["context"]]
-                blocks.append(info_ctx.cls(w, **info_ctx.kwargs))
+                blocks.append(info_ctx.build(w, grid))
                 contexts.append(blocks[-1])
             stages.append(Stage(down, blocks))
             info.append(dict(num_chs=w, reduction=reduction, module=f"stages.{i}"))

@@ -363,3 +363,31 @@ def test_context_modules_in_spec_models():
     y.sum().backward()
     with pytest.raises(ValueError, match="context 'senet' is not one of none, se, ge"):
         create_model("spec:conv2 / basic:1x16:context=senet", img_size=32)
+
+
+@pytest.mark.parametrize("mixer", ["basic", "bottleneck"])
+def test_context_modules_inside_every_block_of_a_spec_stage(mixer):
+    """``context_placement=block``: one module on the residual branch of every basic or bottleneck
+    block of the stage (an SE-ResNet-18 in the spec language), keeping its own initialisation; the
+    stage-size ones get the stage's map size; the block's output is relu(context(branch) + shortcut)."""
+    torch.manual_seed(0)
+    m = create_model(f"spec:conv2 / {mixer}:2x16:context=gc,context_placement=block / "
+                     f"{mixer}:2x32:context=ge_theta_global,context_placement=block", img_size=32, num_classes=3)
+    blocks = [b for st in m.stages for b in st.blocks]
+    assert len(blocks) == 4 and all(b.context is not None for b in blocks)  # nothing appended after the stages
+    assert all(isinstance(b.context, GlobalContextBlock) and b.context.transform[-1].weight.abs().sum() == 0
+               for b in blocks[:2])
+    assert [b.context.feat_size for b in blocks[2:]] == [(8, 8), (8, 8)]
+    assert "context=gc in every block" in m.stage_mixers[0]
+    blk = _wake(blocks[0]).eval()
+    x = torch.randn(2, 16, 16, 16)  # (B, H, W, C), the stage's input
+    with torch.no_grad():
+        branch = blk.branch(x.permute(0, 3, 1, 2))
+        shortcut = x.permute(0, 3, 1, 2) if blk.downsample is None else blk.downsample(x.permute(0, 3, 1, 2))
+        ref = torch.relu(blk.context(branch.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) + shortcut)
+        torch.testing.assert_close(blk(x), ref.permute(0, 2, 3, 1))
+    m(torch.randn(2, 3, 32, 32)).sum().backward()
+    with pytest.raises(ValueError, match="not of convnext; use context_placement=stage"):
+        create_model("spec:conv2 / convnext:1x16:context=se,context_placement=block", img_size=32)
+    with pytest.raises(ValueError, match="needs a context module"):
+        create_model(f"spec:conv2 / {mixer}:1x16:context_placement=block", img_size=32)

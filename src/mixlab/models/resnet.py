@@ -29,11 +29,14 @@ class _ContextStage(Stage):
 class _ResidualConvBlock(nn.Module):
     """What ResNet's blocks share: ``relu(branch(x) + shortcut(x))`` with a projection
     shortcut (1x1 conv + BN) when the block changes shape, stochastic depth on the branch,
-    and the layout: channels-last in and out, the convolutions on the NCHW view."""
+    and the layout: channels-last in and out, the convolutions on the NCHW view.
+    ``context(out_chs)``, if given, makes a context module applied to the branch's output
+    before the residual addition (where SE and GC blocks go; channels-last in and out)."""
 
-    def _add_residual(self, in_chs: int, out_chs: int, stride: int, drop_path: float) -> None:
+    def _add_residual(self, in_chs: int, out_chs: int, stride: int, drop_path: float, context=None) -> None:
         # called after the branch's layers are made: the order in which modules are created is
         # the order in which they draw their initial weights
+        self.context = context(out_chs) if context is not None else None
         self.act = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or in_chs != out_chs:
@@ -47,23 +50,27 @@ class _ResidualConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.act(self.drop_path(self.branch(x)) + shortcut).permute(0, 2, 3, 1)
+        y = self.branch(x)
+        if self.context is not None:
+            y = self.context(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.act(self.drop_path(y) + shortcut).permute(0, 2, 3, 1)
 
 
 class BasicBlock(_ResidualConvBlock):
-    """ResNet-18/34's block: two 3x3 convolutions with BatchNorm (the first strides), ReLU."""
+    """ResNet-18/34's block: two 3x3 convolutions with BatchNorm (the first strides), ReLU;
+    ``context``: see :class:`_ResidualConvBlock`."""
 
     expansion = 1
     fuse_pairs = (("conv1", "bn1"), ("conv2", "bn2"))  # see mixlab.layers.fuse
 
-    def __init__(self, in_chs: int, planes: int, stride: int = 1, drop_path: float = 0.0):
+    def __init__(self, in_chs: int, planes: int, stride: int = 1, drop_path: float = 0.0, context=None):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chs, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         nn.init.zeros_(self.bn2.weight)  # zero-init the last BN of each residual branch
-        self._add_residual(in_chs, planes, stride, drop_path)
+        self._add_residual(in_chs, planes, stride, drop_path, context)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
@@ -71,8 +78,7 @@ class BasicBlock(_ResidualConvBlock):
 
 class Bottleneck(_ResidualConvBlock):
     """1x1 reduce, 3x3 (stride here, ResNet v1.5), 1x1 expand (x4), each with BatchNorm;
-    ``context(out_chs)``, if given, makes a context module applied to the branch's output
-    before the residual addition (where SE and GC blocks go; channels-last in and out)."""
+    ``context``: see :class:`_ResidualConvBlock`."""
 
     expansion = 4
     fuse_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
@@ -86,16 +92,12 @@ class Bottleneck(_ResidualConvBlock):
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         nn.init.zeros_(self.bn3.weight)  # zero-init the last BN of each residual branch
-        self.context = context(planes * self.expansion) if context is not None else None
-        self._add_residual(in_chs, planes * self.expansion, stride, drop_path)
+        self._add_residual(in_chs, planes * self.expansion, stride, drop_path, context)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.bn1(self.conv1(x)))
         y = self.act(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        if self.context is not None:
-            y = self.context(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return y
+        return self.bn3(self.conv3(y))
 
 
 class ResNet(HierarchicalModel):

@@ -46,7 +46,10 @@ absolute embedding, ViT's; resampled for other input sizes), ``cpe`` (a conditio
 3x3 depthwise convolution of the features) or ``none`` (the default). ``context`` appends a
 global context module after the stage's blocks (one of :data:`mixlab.layers.context.CONTEXT_MODULES`:
 se, ge, ge_theta, ge_theta_global, bam, nonlocal, crisscross, gc, tree_filter; default ``none``), e.g.
-``basic:2x80:context=gc``: any CNN written as a spec gets them, as ``resnet50`` does with ``context=``.
+``basic:2x80:context=gc``: any CNN written as a spec gets them, as ``resnet50`` does with ``context=``;
+in a basic or bottleneck stage, ``context_placement=block`` puts one inside every block instead
+(on the residual branch, before the addition: an SE-ResNet-18 is
+``conv4 / basic:2x64:context=se,context_placement=block / ...``).
 """
 from __future__ import annotations
 
@@ -103,7 +106,8 @@ def register_spec_mixer(name: str, options: dict, description: str, block) -> No
     MIXERS[name] = (dict(options), description)
     SPEC_BLOCKS[name] = block
 
-STAGE_KEYS = {"mixer", "depth", "width", "downsample", "mlp_ratio", "pos", "context"}
+STAGE_KEYS = {"mixer", "depth", "width", "downsample", "mlp_ratio", "pos", "context", "context_placement"}
+CONTEXT_PLACEMENTS = ("stage", "block")
 DOWNSAMPLES = ("conv", "merge", "stride", "none")
 POS = ("none", "abs", "cpe")
 STEMS = ("patch", "conv")
@@ -207,7 +211,17 @@ def _check_stage(i: int, st: dict) -> dict:
         if context not in CONTEXT_MODULES:
             raise SpecError(f"stage {i} ({mixer}): context {context!r} is not one of none, "
                             f"{', '.join(CONTEXT_MODULES)}")
-    return {**opts, "mlp_ratio": None, **st, "downsample": down, "pos": pos, "context": context}
+    placement = st.get("context_placement", "stage")
+    if placement not in CONTEXT_PLACEMENTS:
+        raise SpecError(f"stage {i} ({mixer}): context_placement {placement!r} is not one of "
+                        f"{', '.join(CONTEXT_PLACEMENTS)}")
+    if placement == "block" and not resnet:
+        raise SpecError(f"stage {i} ({mixer}): context_placement=block puts a context module inside every "
+                        f"block of a basic or bottleneck stage, not of {mixer}; use context_placement=stage")
+    if placement == "block" and context == "none":
+        raise SpecError(f"stage {i} ({mixer}): context_placement=block needs a context module: give context=NAME")
+    return {**opts, "mlp_ratio": None, **st, "downsample": down, "pos": pos, "context": context,
+            "context_placement": placement}
 
 
 def check_spec(source) -> dict:
@@ -274,13 +288,19 @@ class SpecNet(HierarchicalModel):
                 pos = _GridAbsPos(grid, w) if st["pos"] == "abs" else ConditionalPosEnc(w, 3)
                 down = pos if down is None else nn.Sequential(down, pos)
             ratio = st["mlp_ratio"] or default_ratio
-            blocks = [self._block(st, w, grid, ratio, dpr[i][j], j, drop_rate,
-                                  block_in if j == 0 else w, stride if j == 0 else 1) for j in range(st["depth"])]
-            if st["context"] != "none":  # a global context module after the stage's blocks
+            make = None
+            if st["context"] != "none":
                 from ..layers.context import CONTEXT_MODULES
-                info_ctx = CONTEXT_MODULES[st["context"]]
-                blocks.append(info_ctx.build(w, grid))
-                contexts.append(blocks[-1])
+
+                def make(dim, info_ctx=CONTEXT_MODULES[st["context"]], grid=grid):
+                    contexts.append(info_ctx.build(dim, grid))
+                    return contexts[-1]
+            inside = make if st["context_placement"] == "block" else None
+            blocks = [self._block(st, w, grid, ratio, dpr[i][j], j, drop_rate,
+                                  block_in if j == 0 else w, stride if j == 0 else 1, inside)
+                      for j in range(st["depth"])]
+            if make is not None and inside is None:  # a global context module after the stage's blocks
+                blocks.append(make(w))
             stages.append(Stage(down, blocks))
             info.append(dict(num_chs=w, reduction=reduction, module=f"stages.{i}"))
             mixers.append(self._describe(st))
@@ -301,21 +321,22 @@ class SpecNet(HierarchicalModel):
         if st["pos"] != "none":
             extra["pos"] = st["pos"]
         if st["context"] != "none":
-            extra["context"] = st["context"]
+            extra["context"] = st["context"] + (" in every block" if st["context_placement"] == "block" else "")
         return f"{desc} ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else desc
 
     @staticmethod
     def _block(st: dict, w: int, grid, ratio: float, dp: float, j: int, drop: float, in_chs: int,
-               stride: int) -> nn.Module:
+               stride: int, context=None) -> nn.Module:
         m = st["mixer"]
         ln = partial(nn.LayerNorm, eps=1e-6)
         if m in SPEC_BLOCKS:
             return SPEC_BLOCKS[m](st, w, grid, ratio, dp, j, drop)
         if m in RESNET_MIXERS:
-            block = (BasicBlock(in_chs, w, stride, dp) if m == "basic"
-                     else Bottleneck(in_chs, w // Bottleneck.expansion, stride, dp))
+            block = (BasicBlock(in_chs, w, stride, dp, context) if m == "basic"
+                     else Bottleneck(in_chs, w // Bottleneck.expansion, stride, dp, context))
+            own = {id(mod) for mod in block.context.modules()} if block.context is not None else set()
             for mod in block.modules():
-                if isinstance(mod, nn.Conv2d):
+                if isinstance(mod, nn.Conv2d) and id(mod) not in own:  # a context module keeps its init
                     nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
             return block
         if m == "convnext":

@@ -108,7 +108,8 @@ def test_rejects_nchw_or_tokens():
 
 
 # -- the mixer contract -------------------------------------------------------------------------
-MIXERS = {"nonlocal": lambda c: NonLocalBlock(c), "crisscross": lambda c: CrissCrossAttention(c),
+MIXERS = {"nonlocal": lambda c: NonLocalBlock(c), "nonlocal_subsample": lambda c: NonLocalBlock(c, subsample=True),
+          "crisscross": lambda c: CrissCrossAttention(c),
           "crisscross_r2": lambda c: CrissCrossAttention(c, recurrence=2), "gc": lambda c: GlobalContextBlock(c)}
 
 
@@ -119,14 +120,36 @@ def test_mixer_contract(name):
     x = torch.randn(2, 5, 7, 16, dtype=torch.float64)
     A = m.affinity(x)
     N = 35
-    assert A.shape == (2, 1, N, N)
+    M = 3 * 4 if name == "nonlocal_subsample" else N  # 2x2 max-pooled keys and values, odd sizes rounded up
+    assert A.shape == (2, 1, N, M)
     assert m.affinity_kind == "dynamic"
     torch.testing.assert_close(A.sum(-1), torch.ones(2, 1, N, dtype=torch.float64))
-    assert m.values(x).shape[:2] == (2, N)
+    assert m.values(x).shape[:2] == (2, M)
     torch.testing.assert_close(m.explicit_forward(x), m(x), rtol=1e-10, atol=1e-10)
     assert m.exact_av == (name != "crisscross_r2")
     if m.exact_av:  # a single pass: forward is project(A·V) literally
         torch.testing.assert_close(m.project(aggregate(A, m.values(x)), x), m(x), rtol=1e-10, atol=1e-10)
+
+
+def test_non_local_subsampling_reads_max_pooled_keys_and_values():
+    """The subsampling trick: φ and g max-pooled 2x2 (every position in some window), the same
+    weights as the full block; a quarter of the attention products."""
+    torch.manual_seed(0)
+    full = _wake(NonLocalBlock(16)).double().eval()
+    sub = NonLocalBlock(16, subsample=True).double().eval()
+    sub.load_state_dict(full.state_dict())
+    x = torch.randn(2, 6, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        q = full.theta(x.permute(0, 3, 1, 2)).flatten(2).transpose(1, 2)
+        k = torch.nn.functional.pad(full.phi(x.permute(0, 3, 1, 2)), (0, 1), value=float("-inf"))
+        v = torch.nn.functional.pad(full.g(x.permute(0, 3, 1, 2)), (0, 1), value=float("-inf"))
+        pool = lambda t: t.unfold(2, 2, 2).unfold(3, 2, 2).amax((-1, -2)).flatten(2)  # noqa: E731
+        y = (q @ pool(k)).softmax(-1) @ pool(v).transpose(1, 2)
+        torch.testing.assert_close(sub(x), full.project(y, x))
+    from mixlab.analysis import count_macs
+    B, N, M, inner = 2, 30, 9, 8  # 6x5 queries, 3x3 pooled keys, C/2 channels
+    saved = count_macs(full, x)[0] - count_macs(sub, x)[0]
+    assert saved == 2 * B * N * inner * (N - M)  # both products, (N x C/2)(C/2 x M) and (N x M)(M x C/2)
 
 
 def test_criss_cross_affinity_is_row_and_column():

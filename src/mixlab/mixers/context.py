@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .base import Mixer, flatten_tokens
 
@@ -41,14 +42,19 @@ class NonLocalBlock(Mixer):
     zero-initialised, so that the block starts as the identity. One affinity group (G = 1).
     φ has no bias: θ_iᵀb_φ is the same for every key j, so softmax ignores it (zero gradient);
     nor has W_z, whose bias the BatchNorm after it removes.
+
+    ``subsample``: the paper's subsampling trick (Sec. 3.3), a 2x2 max pool (stride 2) after φ
+    and g, so each query reads M = ⌈H/2⌉·⌈W/2⌉ pooled positions (odd sizes rounded up: every
+    position is in some pooling window) and A is (B, 1, N, M), a quarter of the products.
     """
 
     affinity_kind = "dynamic"
     exact_av = True
 
-    def __init__(self, dim: int, reduction: int = 2, scale: bool = False):
+    def __init__(self, dim: int, reduction: int = 2, scale: bool = False, subsample: bool = False):
         super().__init__()
         inner = max(dim // reduction, 1)
+        self.subsample = subsample
         self.theta = nn.Conv2d(dim, inner, 1)
         self.phi = nn.Conv2d(dim, inner, 1, bias=False)  # a bias here shifts each softmax row: dead, left out
         self.g = nn.Conv2d(dim, inner, 1)
@@ -56,14 +62,20 @@ class NonLocalBlock(Mixer):
         nn.init.zeros_(self.proj[1].weight)
         self.scale = inner ** -0.5 if scale else 1.0
 
+    def extra_repr(self) -> str:
+        return "subsample=True" if self.subsample else ""
+
+    def _pool(self, t: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(t, 2, 2, ceil_mode=True) if self.subsample else t
+
     def affinity(self, x: torch.Tensor) -> torch.Tensor:
         xc = _nchw(x)
         q = self.theta(xc).flatten(2).transpose(1, 2)  # (B, N, C/2)
-        k = self.phi(xc).flatten(2)  # (B, C/2, N)
+        k = self._pool(self.phi(xc)).flatten(2)  # (B, C/2, M)
         return ((q @ k) * self.scale).softmax(-1).unsqueeze(1)
 
     def values(self, x: torch.Tensor) -> torch.Tensor:
-        return self.g(_nchw(x)).flatten(2).transpose(1, 2)
+        return self._pool(self.g(_nchw(x))).flatten(2).transpose(1, 2)  # (B, M, C/2)
 
     def project(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = x.shape
@@ -73,8 +85,8 @@ class NonLocalBlock(Mixer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xc = _nchw(x)
         q = self.theta(xc).flatten(2).transpose(1, 2)
-        k = self.phi(xc).flatten(2)
-        v = self.g(xc).flatten(2).transpose(1, 2)
+        k = self._pool(self.phi(xc)).flatten(2)
+        v = self._pool(self.g(xc)).flatten(2).transpose(1, 2)
         y = ((q @ k) * self.scale).softmax(-1) @ v  # (B, N, C/2)
         return self.project(y, x)
 

@@ -28,10 +28,14 @@ def _arena(args, **kw):
 
 
 def _children_of(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+    """The child processes of ``pid``, started by any of its threads."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and SIGKILL")
@@ -164,3 +168,46 @@ def test_report_only_trains_nothing(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())["results"]
     assert [r["status"] for r in results] == ["done", "0/1 seeds"]
     assert (out / "runs" / "spec-patch4-convnext-1x16-kernel-3" / "seed0" / "summary.json").read_text() == summary
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and signals")
+def test_jobs_train_runs_side_by_side_and_an_interrupt_stops_them_all(tmp_path):
+    """``--jobs 2``: two runs at a time, each child with half the cores; SIGINT to the arena alone
+    stops both children (no run is marked failed) and a rerun continues both from their checkpoints."""
+    from mixlab.arena.runner import child_threads
+
+    out = tmp_path / "jobs"
+    models = [TINY, "spec:patch4 / dwconv:1x16:kernel=3"]
+    args = [*models, "--epochs", "4", "--out", str(out), "--jobs", "2", "--no-speed", *SMALL_DATA]
+    proc = _arena(args)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        ready = [d for d in out.glob("runs/*/seed0") if (d / "checkpoints" / "latest.json").exists()]
+        if len(ready) == 2:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"the arena ended before it could be interrupted:\n{proc.stdout.read()}")
+        time.sleep(0.02)
+    else:
+        pytest.fail("the two runs did not both checkpoint in time")
+    children = _children_of(proc.pid)
+    assert len(children) == 2  # side by side
+    proc.send_signal(signal.SIGINT)  # the arena only, not its process group
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, log
+    assert "FAILED" not in log and "interrupted" in log
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    runs = sorted(out.glob("runs/*/seed0"))
+    assert len(runs) == 2 and not any((d / "summary.json").exists() for d in runs)
+
+    rerun = _arena(args)
+    log, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, log
+    assert "2 runs at a time" in log
+    for d in runs:
+        text = (d / "train.log").read_text()
+        assert f"{child_threads(2)} CPU thread(s)" in text and "resumed from ckpt-" in text
+        assert [json.loads(x)["epoch"] for x in (d / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["model"] for r in results] == models and all(r["status"] == "done" for r in results)

@@ -171,7 +171,8 @@ def cmd_arena(args) -> int:
     settings = ArenaSettings(models=args.models or ["nano"], data=args.data, data_root=args.data_root,
                              epochs=args.epochs, seeds=args.seeds, recipe=args.recipe, img_size=args.img_size,
                              batch_size=args.batch_size, device=args.device, overrides=args.set or [],
-                             out=args.out, measure_speed=not args.no_speed, train=not args.report_only)
+                             out=args.out, measure_speed=not args.no_speed, train=not args.report_only,
+                             jobs=args.jobs)
     try:
         result = run_arena(settings, quiet=args.quiet)
     except KeyboardInterrupt:
@@ -521,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key for every run")
     s.add_argument("--out", help="report directory (default arena/DATA-EPOCHSep-SEEDSseed)")
+    s.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, each with its share of "
+                   "the CPU cores (default 1); small models use several cores poorly, so on a CPU two or more "
+                   "side by side finish sooner (the recipe and the report are unchanged)")
     s.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
     s.add_argument("--report-only", action="store_true", help="train nothing: write the report of the runs that "
                    "have finished (with the same settings as the arena that ran them)")

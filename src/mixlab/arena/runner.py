@@ -11,12 +11,15 @@ Layout of an arena directory::
 Each (model, seed) run is a child process (``python -m mixlab train --resume <run dir>``):
 its peak memory is its own, it starts from a clean state (threads, seeds, compiled code), and
 a failure is confined to it. A run whose ``summary.json`` exists is finished and is skipped
-on a rerun; an interrupted one continues from its last checkpoint. Runs go one at a time.
+on a rerun; an interrupted one continues from its last checkpoint. Runs go one at a time,
+or ``jobs`` at a time (``--jobs``), each child then with ``cores / jobs`` CPU threads: small
+models use two cores poorly, so two runs side by side finish sooner than one after the other.
 
-Speed is measured apart from the runs, once per model, between runs: images per second of
-inference and of a training step (forward, backward, AdamW) on random data at the arena's
-batch and image size, so that a long run slowed down for a while by other work on the
-machine does not distort the table. Delete ``speed.json`` and rerun to measure again.
+Speed is measured apart from the runs, once per model, between runs (with ``jobs`` > 1:
+after the last run, when nothing else is training): images per second of inference and of a
+training step (forward, backward, AdamW) on random data at the arena's batch and image size,
+so that a long run slowed down for a while by other work on the machine does not distort the
+table. Delete ``speed.json`` and rerun to measure again.
 """
 from __future__ import annotations
 
@@ -65,6 +68,7 @@ class ArenaSettings:
     out: str | None = None          # None: arena/<data>-<epochs>ep-<seeds>seed
     measure_speed: bool = True
     train: bool = True              # False: train nothing, report what has finished
+    jobs: int = 1                   # runs trained at the same time (each with cores / jobs CPU threads)
 
 
 def expand_models(names) -> list[str]:
@@ -165,7 +169,10 @@ def _cpu_name() -> str:
 # -- one run ------------------------------------------------------------------------------------
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     """Linux: the child gets SIGKILL when the arena process dies, so a killed arena leaves no
-    orphan training on in the background (a rerun would otherwise race it)."""
+    orphan training on in the background (a rerun would otherwise race it). SIGINT gets its
+    default action back (an arena started in the background by a script has it ignored), so
+    that an interrupted arena can stop its children."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         import ctypes
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -173,16 +180,29 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         pass
 
 
-def train_in_child(run_dir: Path, prefix: str, quiet: bool = False) -> int:
+def child_threads(jobs: int) -> int:
+    """CPU threads for each of ``jobs`` runs trained at the same time: the cores shared out."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def train_in_child(run_dir: Path, prefix: str, quiet: bool = False, threads: int | None = None,
+                   running: set | None = None) -> int:
     """Run (or continue) the training run in ``run_dir`` in a child process, appending its
-    output to ``run_dir/train.log`` and echoing it with ``prefix``. Returns the exit status."""
+    output to ``run_dir/train.log`` and echoing it with ``prefix``. Returns the exit status.
+    ``threads``: the child's CPU threads (default: PyTorch's); ``running``: a set the child's
+    process is kept in while it runs (so that an interrupted arena can stop it)."""
     cmd = [sys.executable, "-m", "mixlab", "train", "--resume", str(run_dir)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     kw = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
     with open(run_dir / "train.log", "a") as log:
-        log.write(f"$ {' '.join(cmd)}   # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        log.write(f"$ {' '.join(cmd)}   # {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                  + (f", {threads} CPU thread(s)" if threads is not None else "") + "\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kw)
+        if running is not None:
+            running.add(proc)
         try:
             for line in proc.stdout:
                 log.write(line)
@@ -196,6 +216,9 @@ def train_in_child(run_dir: Path, prefix: str, quiet: bool = False) -> int:
             if proc.poll() is None:
                 proc.kill()
             raise
+        finally:
+            if running is not None:
+                running.discard(proc)
 
 
 def _tail(path: Path, n: int = 6) -> str:
@@ -300,6 +323,8 @@ def run_arena(s: ArenaSettings, quiet: bool = False) -> dict:
     s.models = expand_models(s.models)
     if s.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {s.seeds}")
+    if s.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1 (runs trained at the same time), got {s.jobs}")
     base = base_config(s)
     for m in s.models:  # every name or spec is checked before anything trains
         run_config(base, m, 0)
@@ -348,33 +373,52 @@ def _run(s: ArenaSettings, base: Config, out: Path, quiet: bool, write_report) -
         f"recipe {base.recipe}; report in {out}")
     t0 = time.time()
     interrupted = False
+
+    def start(m: str, seed: int, rd: Path, tag: str) -> None:
+        rd.mkdir(parents=True, exist_ok=True)
+        if not (rd / RUN_CONFIG).exists():
+            run_config(base, m, seed).save(rd / RUN_CONFIG)
+        say(f"{tag} training")
+
+    def failed(m: str, seed: int, rd: Path, tag: str, rc: int) -> None:
+        # its other seeds would most likely fail the same way: not tried
+        why = "diverged (loss NaN/inf)" if rc == 3 else f"exit status {rc}"
+        failures[m] = f"seed {seed}: {why}; see {rd / 'train.log'}"
+        say(f"{tag} FAILED ({why}); its log ends:\n{_tail(rd / 'train.log')}")
+
+    def measure(m: str) -> None:
+        key = _speed_key(m, base)
+        if s.measure_speed and key not in speed_all:  # once per model, on a machine that is not training
+            speed_all[key] = _speed_of(m, runs, seeds, base)
+            write_atomic(speed_file, json.dumps(speed_all, indent=2) + "\n")
+
+    todo = []  # seed-major: a partial arena already has every model once
+    for seed in seeds:
+        for m in s.models:
+            n_done += 1
+            rd = runs / model_slug(m) / f"seed{seed}"
+            todo.append((m, seed, rd, f"[{n_done}/{n_total} {model_label(m)} seed {seed}]"))
     try:
-        for seed in seeds:  # seed-major: a partial arena already has every model once
-            for m in s.models:
-                n_done += 1
+        if s.jobs == 1:
+            for m, seed, rd, tag in todo:
                 if m in failures:
                     continue
-                rd = runs / model_slug(m) / f"seed{seed}"
-                tag = f"[{n_done}/{n_total} {model_label(m)} seed {seed}]"
                 if (rd / "summary.json").exists():
                     say(f"{tag} finished earlier, skipped")
                 elif not s.train:
                     continue
                 else:
-                    rd.mkdir(parents=True, exist_ok=True)
-                    if not (rd / RUN_CONFIG).exists():
-                        run_config(base, m, seed).save(rd / RUN_CONFIG)
-                    say(f"{tag} training")
+                    start(m, seed, rd, tag)
                     rc = train_in_child(rd, tag, quiet)
-                    if rc != 0:  # its other seeds would most likely fail the same way: not tried
-                        why = "diverged (loss NaN/inf)" if rc == 3 else f"exit status {rc}"
-                        failures[m] = f"seed {seed}: {why}; see {rd / 'train.log'}"
-                        say(f"{tag} FAILED ({why}); its log ends:\n{_tail(rd / 'train.log')}")
+                    if rc != 0:
+                        failed(m, seed, rd, tag, rc)
                         continue
-                key = _speed_key(m, base)
-                if s.measure_speed and key not in speed_all:  # once per model, between runs: an idle machine
-                    speed_all[key] = _speed_of(m, runs, seeds, base)
-                    write_atomic(speed_file, json.dumps(speed_all, indent=2) + "\n")
+                measure(m)  # between runs: an idle machine
+        else:
+            _train_side_by_side(s, todo, start, failed, say, quiet, failures)
+            for m in s.models:  # after the last run: nothing else is training
+                if m not in failures:
+                    measure(m)
     except KeyboardInterrupt:
         interrupted = True
         say("\ninterrupted: writing the report of what has finished; rerun the same command to continue")
@@ -389,6 +433,59 @@ def _run(s: ArenaSettings, base: Config, out: Path, quiet: bool, write_report) -
     if interrupted:
         raise KeyboardInterrupt
     return {"out": str(out), "report": report, "results": results, "failed": sorted(failures)}
+
+
+def _train_side_by_side(s: ArenaSettings, todo: list, start, failed, say, quiet: bool, failures: dict) -> None:
+    """Train the unfinished runs of ``todo`` ``s.jobs`` at a time, in order, each child with its
+    share of the CPU cores. On an interrupt, the running children are stopped (SIGINT: they keep
+    their last checkpoint) and the interrupt is passed on."""
+    import threading
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    threads, running, stopping = child_threads(s.jobs), set(), threading.Event()
+    queue = iter(todo)
+    active: dict = {}
+
+    def submit_next(pool) -> None:
+        for m, seed, rd, tag in queue:
+            if m in failures:
+                continue
+            if (rd / "summary.json").exists():
+                say(f"{tag} finished earlier, skipped")
+                continue
+            if not s.train:
+                continue
+            start(m, seed, rd, tag)
+            active[pool.submit(train_in_child, rd, tag, quiet, threads, running)] = (m, seed, rd, tag)
+            return
+
+    say(f"arena: {s.jobs} runs at a time, {threads} CPU thread(s) each")
+    pool = ThreadPoolExecutor(max_workers=s.jobs)
+    try:
+        for _ in range(s.jobs):
+            submit_next(pool)
+        while active:
+            done, _ = wait(list(active), timeout=1.0, return_when=FIRST_COMPLETED)
+            for f in done:
+                m, seed, rd, tag = active.pop(f)
+                rc = f.result()
+                if rc != 0 and not stopping.is_set():
+                    failed(m, seed, rd, tag, rc)
+                submit_next(pool)
+    except KeyboardInterrupt:
+        stopping.set()
+        for proc in list(running):  # a Ctrl-C reached them already; a signal to the arena alone did not
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGINT)
+        deadline = time.time() + 30
+        for proc in list(running):
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            if proc.poll() is None:
+                proc.kill()
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def _speed_key(model: str, base: Config) -> str:

@@ -211,3 +211,44 @@ def test_jobs_train_runs_side_by_side_and_an_interrupt_stops_them_all(tmp_path):
         assert [json.loads(x)["epoch"] for x in (d / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     results = json.loads((out / "results.json").read_text())["results"]
     assert [r["model"] for r in results] == models and all(r["status"] == "done" for r in results)
+
+
+def test_side_by_side_runs_are_spread_over_the_gpus(tmp_path, monkeypatch):
+    """With several GPUs and device auto/cuda, each job slot has its own GPU (ids as
+    CUDA_VISIBLE_DEVICES names them); a named device, one GPU or the CPU: no spreading."""
+    import threading
+
+    import torch
+
+    from mixlab.arena import runner
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert runner.job_gpus("auto") == ["4", "6"] and runner.job_gpus("cuda") == ["4", "6"]
+    assert runner.job_gpus("cuda:1") == [] and runner.job_gpus("cpu") == []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert runner.job_gpus("auto") == ["0", "1"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert runner.job_gpus("auto") == []
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    lock, now, seen = threading.Lock(), set(), []
+
+    def fake_train(rd, tag, quiet, threads, running, gpu):
+        with lock:
+            assert gpu not in now  # two runs at the same time never share a GPU
+            now.add(gpu)
+            seen.append((rd.name, gpu, threads))
+        time.sleep(0.05)
+        with lock:
+            now.discard(gpu)
+        return 0
+
+    monkeypatch.setattr(runner, "train_in_child", fake_train)
+    todo = [("m", k, tmp_path / f"run{k}", f"[{k}]") for k in range(5)]
+    started = []
+    runner._train_side_by_side(ArenaSettings(jobs=2, device="auto"), todo, lambda *a: started.append(a[1]),
+                               lambda *a: pytest.fail(f"no run fails here: {a}"), lambda *a: None, True, {})
+    assert started == [0, 1, 2, 3, 4] and sorted(r for r, _, _ in seen) == [f"run{k}" for k in range(5)]
+    assert {g for _, g, _ in seen} == {"0", "1"} and {t for _, _, t in seen} == {runner.child_threads(2)}

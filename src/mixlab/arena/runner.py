@@ -185,20 +185,38 @@ def child_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
+def job_gpus(device: str) -> list[str]:
+    """The GPUs side-by-side runs are spread over: every visible one when the arena's device is
+    ``auto`` or ``cuda`` and there are several (ids as ``CUDA_VISIBLE_DEVICES`` names them);
+    none otherwise (the CPU, one GPU, or a device the user named, which every run then uses)."""
+    if device not in ("auto", "cuda"):
+        return []
+    import torch
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n < 2:
+        return []
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return visible[:n] if len(visible) >= n else [str(i) for i in range(n)]
+
+
 def train_in_child(run_dir: Path, prefix: str, quiet: bool = False, threads: int | None = None,
-                   running: set | None = None) -> int:
+                   running: set | None = None, gpu: str | None = None) -> int:
     """Run (or continue) the training run in ``run_dir`` in a child process, appending its
     output to ``run_dir/train.log`` and echoing it with ``prefix``. Returns the exit status.
     ``threads``: the child's CPU threads (default: PyTorch's); ``running``: a set the child's
-    process is kept in while it runs (so that an interrupted arena can stop it)."""
+    process is kept in while it runs (so that an interrupted arena can stop it); ``gpu``: the
+    only GPU the child sees (``CUDA_VISIBLE_DEVICES``)."""
     cmd = [sys.executable, "-m", "mixlab", "train", "--resume", str(run_dir)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if threads is not None:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     kw = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
     with open(run_dir / "train.log", "a") as log:
         log.write(f"$ {' '.join(cmd)}   # {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                  + (f", {threads} CPU thread(s)" if threads is not None else "") + "\n")
+                  + (f", {threads} CPU thread(s)" if threads is not None else "")
+                  + (f", GPU {gpu}" if gpu is not None else "") + "\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kw)
         if running is not None:
@@ -426,6 +444,7 @@ def _run(s: ArenaSettings, base: Config, out: Path, quiet: bool, write_report) -
     results = [collect(m, seeds, runs, speed, failures) for m in s.models]
     config = {"models": s.models, "data": base.data.name, "img_size": base.data.img_size, "epochs": base.train.epochs,
               "batch_size": base.train.batch_size, "seeds": seeds, "recipe": base.recipe,
+              "jobs": s.jobs,  # of this invocation; each run's train.log says how many CPU threads it had
               "train_config": shared["train_config"],
               "command": " ".join(["mixlab", "arena", *sys.argv[2:]]) if sys.argv[1:2] == ["arena"] else None}
     report = write_report(out, results, config, environment(base.train.device))
@@ -443,6 +462,8 @@ def _train_side_by_side(s: ArenaSettings, todo: list, start, failed, say, quiet:
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     threads, running, stopping = child_threads(s.jobs), set(), threading.Event()
+    gpus = job_gpus(s.device)
+    slots = list(range(s.jobs))  # job slot k runs on GPU gpus[k % len(gpus)]
     queue = iter(todo)
     active: dict = {}
 
@@ -456,10 +477,13 @@ def _train_side_by_side(s: ArenaSettings, todo: list, start, failed, say, quiet:
             if not s.train:
                 continue
             start(m, seed, rd, tag)
-            active[pool.submit(train_in_child, rd, tag, quiet, threads, running)] = (m, seed, rd, tag)
+            slot = slots.pop(0)
+            gpu = gpus[slot % len(gpus)] if gpus else None
+            active[pool.submit(train_in_child, rd, tag, quiet, threads, running, gpu)] = (m, seed, rd, tag, slot)
             return
 
-    say(f"arena: {s.jobs} runs at a time, {threads} CPU thread(s) each")
+    say(f"arena: {s.jobs} runs at a time, {threads} CPU thread(s) each"
+        + (f", spread over GPUs {', '.join(gpus)}" if gpus else ""))
     pool = ThreadPoolExecutor(max_workers=s.jobs)
     try:
         for _ in range(s.jobs):
@@ -467,7 +491,8 @@ def _train_side_by_side(s: ArenaSettings, todo: list, start, failed, say, quiet:
         while active:
             done, _ = wait(list(active), timeout=1.0, return_when=FIRST_COMPLETED)
             for f in done:
-                m, seed, rd, tag = active.pop(f)
+                m, seed, rd, tag, slot = active.pop(f)
+                slots.append(slot)
                 rc = f.result()
                 if rc != 0 and not stopping.is_set():
                     failed(m, seed, rd, tag, rc)

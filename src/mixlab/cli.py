@@ -524,8 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="report directory (default arena/DATA-EPOCHSep-SEEDSseed)")
     s.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, each with its share of "
                    "the CPU cores (default 1); small models use several cores poorly, so on a CPU two or more "
-                   "side by side finish sooner; with several GPUs each run gets its own (the recipe and the report are "
-                   "unchanged)")
+                   "side by side finish sooner; with several GPUs each run gets its own (the recipe and the "
+                   "report are unchanged)")
     s.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
     s.add_argument("--report-only", action="store_true", help="train nothing: write the report of the runs that "
                    "have finished (with the same settings as the arena that ran them)")

@@ -407,8 +407,10 @@ def _run(s: ArenaSettings, base: Config, out: Path, quiet: bool, write_report) -
     def measure(m: str) -> None:
         key = _speed_key(m, base)
         if s.measure_speed and key not in speed_all:  # once per model, on a machine that is not training
-            speed_all[key] = _speed_of(m, runs, seeds, base)
-            write_atomic(speed_file, json.dumps(speed_all, indent=2) + "\n")
+            got = _speed_of(m, runs, seeds, base)
+            if got is not None:  # None: no finished run of the model yet to take the input size from
+                speed_all[key] = got
+                write_atomic(speed_file, json.dumps(speed_all, indent=2) + "\n")
 
     todo = []  # seed-major: a partial arena already has every model once
     for seed in seeds:
@@ -482,8 +484,9 @@ def _train_side_by_side(s: ArenaSettings, todo: list, start, failed, say, quiet:
             active[pool.submit(train_in_child, rd, tag, quiet, threads, running, gpu)] = (m, seed, rd, tag, slot)
             return
 
-    say(f"arena: {s.jobs} runs at a time, {threads} CPU thread(s) each"
-        + (f", spread over GPUs {', '.join(gpus)}" if gpus else ""))
+    if s.train:
+        say(f"arena: {s.jobs} runs at a time, {threads} CPU thread(s) each"
+            + (f", spread over GPUs {', '.join(gpus)}" if gpus else ""))
     pool = ThreadPoolExecutor(max_workers=s.jobs)
     try:
         for _ in range(s.jobs):

@@ -50,26 +50,12 @@ def test_nano_models_run_on_small_images(name):
 
 def mixer_calls(model, x, kind=None) -> dict:
     """Run ``model`` on ``x`` without gradients and return, for every spatial mixer (or every
-    module of class ``kind``), ``{module name: (mixer, its input, its output)}`` at its first call:
-    the input each mixer really sees inside the network. Copies, since later in-place ops
-    (RepLKNet's ReLU) would change them; the hooks return None, so the model's output stays as it is."""
+    module of class ``kind``), ``{module name: (mixer, its input, its output)}`` at its first call
+    (:func:`mixlab.analysis.common.first_calls`)."""
+    from mixlab.analysis.common import first_calls
     from mixlab.mixers import Mixer
     kind = kind or Mixer
-    seen = {}
-
-    def keep(key):
-        def hook(mod, args, out):
-            seen.setdefault(key, (mod, args[0].clone(), out.clone()))
-        return hook
-
-    hooks = [m.register_forward_hook(keep(k)) for k, m in model.named_modules() if isinstance(m, kind)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
+    return first_calls(model, x, [(k, m) for k, m in model.named_modules() if isinstance(m, kind)])
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..mixers.base import Mixer
+from .common import first_calls
 
 
 @dataclass
@@ -92,22 +93,11 @@ def capture_affinities(model: nn.Module, image: torch.Tensor, layers=None, max_e
                 raise ValueError(f"no mixer named {key!r}; the mixers are: {', '.join(names[:12])}"
                                  + (" ..." if len(names) > 12 else ""))
         mixers = chosen
-    seen: dict[str, torch.Tensor] = {}
-
-    def record(key):
-        def hook(module, inputs, output):  # returns None: a forward hook's return value would replace the output
-            seen.setdefault(key, inputs[0].detach())
-        return hook
-
-    hooks = [m.register_forward_hook(record(n)) for n, m in mixers]
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            model(image)
+        seen = {n: inp for n, (_, inp, _) in first_calls(model, image, mixers).items()}
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was_training)
     out = []
     H, W = image.shape[-2:]

@@ -81,6 +81,28 @@ def analysis_images(model: nn.Module, data: str | None = None, data_root: str | 
     return torch.stack(xs), torch.tensor(ys)
 
 
+def first_calls(model: nn.Module, x: torch.Tensor, modules) -> dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+    """Run ``model(x)`` without gradients and return, for each ``(name, module)`` of ``modules``
+    that ran, ``{name: (module, its input, its output)}`` at its first call: what the module
+    really sees inside the network. Copies, since later in-place ops (RepLKNet's ReLU) would
+    change them; the hooks return None (a forward hook's return value would replace the output)."""
+    seen: dict = {}
+
+    def keep(key):
+        def hook(mod, args, out):
+            seen.setdefault(key, (mod, args[0].detach().clone(), out.detach().clone()))
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in modules]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
 def figure_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")

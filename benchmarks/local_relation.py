@@ -8,7 +8,7 @@ the ratio views / unfold.
 
 Both variants are one network with the same random weights (the unfold one a copy whose
 local relation layers have the other forward); their logits are compared before timing.
-Timing as ``vs_timm.py``: each repeat times ``--iters`` batches of both back to back,
+Timing as in ``timing.py``: each repeat times ``--iters`` batches of both back to back,
 alternating which goes first, after a warm-up; the table gives the ratio's minimum, median
 and maximum over repeats (above 1: the views are faster).
 """
@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from vs_timm import Runner, environment
+from timing import Runner, environment, interleaved
 
 
 def unfold_variant(model: torch.nn.Module) -> torch.nn.Module:
@@ -56,31 +55,20 @@ def compare(name: str, mode: str, args, device: torch.device) -> dict:
 
     torch.manual_seed(0)
     model = mixlab.create_model(name, img_size=args.img_size, num_classes=1000).to(device)
-    runners = {"views": Runner(model, mode, args.batch, args.img_size, device, "none"),
-               "unfold": Runner(unfold_variant(model), mode, args.batch, args.img_size, device, "none")}
-    runners["unfold"].x = runners["views"].x
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    other = unfold_variant(model)
     with torch.no_grad():
-        model.eval()
-        a, b = model(runners["views"].x), runners["unfold"].model.eval()(runners["views"].x)
+        a, b = model.eval()(x), other.eval()(x)
         deviation = ((a - b).abs().max() / a.abs().max().clamp_min(1)).item()
-    for r in runners.values():
-        r.model.train(mode == "train")
-    for r in runners.values():
-        for _ in range(args.warmup):
-            r.step()
-    speeds = {k: [] for k in runners}
-    ratios = []
-    for rep in range(args.repeats):
-        order = ["views", "unfold"] if rep % 2 == 0 else ["unfold", "views"]
-        got = {k: runners[k].time(args.iters) for k in order}
-        for k, v in got.items():
-            speeds[k].append(v)
-        ratios.append(got["views"] / got["unfold"])
+    runners = {"views": Runner(model, x, mode), "unfold": Runner(other, x, mode)}
+
+    def report(rep: int, got: dict[str, float]) -> None:
         print(f"  {name} {mode} repeat {rep + 1}/{args.repeats}: views {got['views']:.1f} img/s, "
               f"unfold {got['unfold']:.1f} img/s", flush=True)
-    return {"model": name, "mode": mode, "views": statistics.median(speeds["views"]),
-            "unfold": statistics.median(speeds["unfold"]), "ratio_min": min(ratios),
-            "ratio_median": statistics.median(ratios), "ratio_max": max(ratios), "max_rel_deviation": deviation}
+
+    timed = interleaved(runners, "unfold", repeats=args.repeats, iters=args.iters, warmup=args.warmup, report=report)
+    return {"model": name, "mode": mode, "views": timed["img_s"]["views"], "unfold": timed["img_s"]["unfold"],
+            **timed["summary"]["views"], "max_rel_deviation": deviation}
 
 
 def main(argv=None) -> int:

@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn as nn
+from timing import Runner, environment, interleaved
 
 #: ``--small``: RepLKNet-31B's kernels and layout at half the width and a third of the depth
 SMALL = dict(depths=(2, 2, 6, 2), dims=(64, 128, 256, 512))
@@ -55,65 +54,27 @@ def variants(model: nn.Module, with_fuse: bool) -> dict[str, nn.Module]:
     return out
 
 
-class Runner:
-    """One variant, ready to time: ``step()`` runs one batch in inference mode."""
-
-    def __init__(self, model: nn.Module, x: torch.Tensor, amp: str):
-        self.model, self.x = model, x
-        self.amp = (torch.autocast(x.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-                    if amp != "none" else None)
-
-    def step(self) -> torch.Tensor:
-        with torch.inference_mode():
-            if self.amp is None:
-                return self.model(self.x)
-            with self.amp:
-                return self.model(self.x)
-
-    def sync(self) -> None:
-        if self.x.device.type == "cuda":
-            torch.cuda.synchronize(self.x.device)
-
-    def time(self, iters: int) -> float:
-        """Images per second over ``iters`` batches."""
-        self.sync()
-        t = time.perf_counter()
-        for _ in range(iters):
-            self.step()
-        self.sync()
-        return iters * self.x.shape[0] / (time.perf_counter() - t)
-
-
 def run(args) -> dict:
     device = torch.device(args.device)
     model = build(args, device)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device,
                     generator=torch.Generator(device=device).manual_seed(1))
-    runners = {name: Runner(m, x, args.amp) for name, m in variants(model, args.fuse).items()}
+    runners = {name: Runner(m, x, "infer", args.amp) for name, m in variants(model, args.fuse).items()}
     ref = runners["trained"].step().float()
     scale = max(1.0, ref.abs().max().item())
     deviation = {name: 0.0 if name == "trained" else (r.step().float() - ref).abs().max().item() / scale
                  for name, r in runners.items()}
     params = {name: sum(p.numel() for p in r.model.parameters()) for name, r in runners.items()}
-    for r in runners.values():  # warm-up: allocator, kernel selection, caches
-        for _ in range(args.warmup):
-            r.step()
-    names = list(runners)
-    speeds: dict[str, list[float]] = {n: [] for n in names}
-    ratios: dict[str, list[float]] = {n: [] for n in names[1:]}
-    for rep in range(args.repeats):
-        order = names[rep % len(names):] + names[:rep % len(names)]  # rotate who goes first
-        got = {n: runners[n].time(args.iters) for n in order}
-        for n, v in got.items():
-            speeds[n].append(v)
-        for n in names[1:]:
-            ratios[n].append(got[n] / got["trained"])
-        print(f"  repeat {rep + 1}/{args.repeats}: " + "  ".join(f"{n} {got[n]:.2f} img/s" for n in names),
+
+    def report(rep: int, got: dict[str, float]) -> None:
+        print(f"  repeat {rep + 1}/{args.repeats}: " + "  ".join(f"{n} {v:.2f} img/s" for n, v in got.items()),
               flush=True)
-    rows = [{"variant": n, "params_m": params[n] / 1e6, "img_s": statistics.median(speeds[n]),
-             "max_rel_deviation": deviation[n],
-             **({"ratio_min": min(ratios[n]), "ratio_median": statistics.median(ratios[n]),
-                 "ratio_max": max(ratios[n]), "ratios": ratios[n]} if n in ratios else {})} for n in names]
+
+    timed = interleaved(runners, "trained", repeats=args.repeats, iters=args.iters, warmup=args.warmup,
+                        report=report)
+    rows = [{"variant": n, "params_m": params[n] / 1e6, "img_s": timed["img_s"][n], "max_rel_deviation": deviation[n],
+             **({**timed["summary"][n], "ratios": timed["ratios"][n]} if n in timed["ratios"] else {})}
+            for n in runners]
     return {"model": args.model + (" (small)" if args.small else ""), "rows": rows}
 
 
@@ -127,13 +88,6 @@ def fmt_table(result: dict) -> str:
         lines.append("| " + " | ".join([r["variant"], f"{r['params_m']:.2f}", f"{r['img_s']:.2f}",
                                         f"{r['max_rel_deviation']:.1e}", *ratio]) + " |")
     return "\n".join(lines)
-
-
-def environment(device: torch.device) -> str:
-    from mixlab.arena.runner import environment as mixlab_environment
-    env = mixlab_environment(str(device))
-    dev = env.get("gpu") or f"{env['cpu']}, {env['torch threads']} threads"
-    return f"mixlab {env['mixlab']}, torch {env['torch']}, python {env['python']}; {dev}"
 
 
 def main(argv=None) -> int:

@@ -21,17 +21,22 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
 import torch
 import torch.nn as nn
+from timing import Runner, environment, interleaved
 
 #: the architectures the performance goal names (docs/performance.md)
 REFERENCE = ["resnet50", "convnext_tiny", "swin_tiny_patch4_window7_224", "deit_small_patch16_224", "mixer_b16_224",
              "poolformer_s12"]
+
+
+def timm_version() -> str:
+    import timm
+    return timm.__version__
 
 
 def shared_architectures() -> list[str]:
@@ -58,72 +63,19 @@ def _timm_takes_img_size(name: str) -> bool:
     return not name.startswith(("resnet", "convnext", "poolformer"))
 
 
-class Runner:
-    """One model in one mode, ready to time: ``step()`` runs one batch."""
-
-    def __init__(self, model: nn.Module, mode: str, batch: int, img_size: int, device: torch.device, amp: str):
-        self.model, self.mode, self.device = model, mode, device
-        self.x = torch.randn(batch, 3, img_size, img_size, device=device)
-        self.y = torch.randint(0, 1000, (batch,), device=device)
-        self.amp = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-                    if amp != "none" else None)
-        if mode == "train":
-            model.train()
-            self.opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-        else:
-            model.eval()
-
-    def _forward(self):
-        if self.amp is None:
-            return self.model(self.x)
-        with self.amp:
-            return self.model(self.x)
-
-    def step(self) -> None:
-        if self.mode == "train":
-            out = self._forward()
-            out = out[0] if isinstance(out, tuple) else out
-            loss = nn.functional.cross_entropy(out.float(), self.y)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-        else:
-            with torch.inference_mode():
-                self._forward()
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def time(self, iters: int) -> float:
-        """Images per second over ``iters`` batches."""
-        self.sync()
-        t = time.perf_counter()
-        for _ in range(iters):
-            self.step()
-        self.sync()
-        return iters * self.x.shape[0] / (time.perf_counter() - t)
+def make_runner(lib: str, name: str, mode: str, args, device: torch.device) -> Runner:
+    model = build(lib, name, args.img_size, device)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    return Runner(model, x, mode, args.amp)
 
 
 def compare(name: str, mode: str, args, device: torch.device) -> dict:
     torch.manual_seed(0)
-    runners = {lib: Runner(build(lib, name, args.img_size, device), mode, args.batch, args.img_size, device, args.amp)
-               for lib in ("mixlab", "timm")}
-    for r in runners.values():  # warm-up: allocator, kernel selection, caches
-        for _ in range(args.warmup):
-            r.step()
-    speeds: dict[str, list[float]] = {"mixlab": [], "timm": []}
-    ratios = []
-    for rep in range(args.repeats):
-        order = ("mixlab", "timm") if rep % 2 == 0 else ("timm", "mixlab")
-        got = {lib: runners[lib].time(args.iters) for lib in order}
-        for lib, v in got.items():
-            speeds[lib].append(v)
-        ratios.append(got["mixlab"] / got["timm"])
+    runners = {lib: make_runner(lib, name, mode, args, device) for lib in ("mixlab", "timm")}
+    timed = interleaved(runners, "timm", repeats=args.repeats, iters=args.iters, warmup=args.warmup)
     row = {"model": name, "mode": mode, "batch": args.batch, "img_size": args.img_size,
-           "mixlab_img_s": statistics.median(speeds["mixlab"]), "timm_img_s": statistics.median(speeds["timm"]),
-           "ratio_min": min(ratios), "ratio_median": statistics.median(ratios), "ratio_max": max(ratios),
-           "ratios": ratios}
+           "mixlab_img_s": timed["img_s"]["mixlab"], "timm_img_s": timed["img_s"]["timm"],
+           **timed["summary"]["mixlab"], "ratios": timed["ratios"]["mixlab"]}
     del runners
     if args.memory:
         for lib in ("mixlab", "timm"):
@@ -140,7 +92,7 @@ def profile(name: str, mode: str, args, device: torch.device, top: int = 15) -> 
     torch.manual_seed(0)
     totals, per_step = {}, {}
     for lib in ("mixlab", "timm"):
-        runner = Runner(build(lib, name, args.img_size, device), mode, args.batch, args.img_size, device, args.amp)
+        runner = make_runner(lib, name, mode, args, device)
         for _ in range(args.warmup):
             runner.step()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -187,7 +139,7 @@ def _status_kib(field: str) -> int:
 def run_probe(lib: str, name: str, mode: str, args) -> float:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    runner = Runner(build(lib, name, args.img_size, device), mode, args.batch, args.img_size, device, args.amp)
+    runner = make_runner(lib, name, mode, args, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -213,15 +165,6 @@ def fmt_table(rows: list[dict], memory: bool) -> str:
             cells += [f"{r.get('mixlab_peak_mb') or float('nan'):.0f}", f"{r.get('timm_peak_mb') or float('nan'):.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def environment(device: torch.device) -> str:
-    import timm
-
-    from mixlab.arena.runner import environment as mixlab_environment
-    env = mixlab_environment(str(device))
-    dev = env.get("gpu") or f"{env['cpu']}, {env['torch threads']} threads"
-    return f"mixlab {env['mixlab']}, timm {timm.__version__}, torch {env['torch']}, python {env['python']}; {dev}"
 
 
 def main(argv=None) -> int:
@@ -254,13 +197,14 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but CUDA is not available here")
+    env = environment(device, extra=f"timm {timm_version()}")
     shared = shared_architectures()
     names = shared if args.all else (args.models or REFERENCE)
     unknown = [n for n in names if n not in shared]
     if unknown:
         p.error(f"not an architecture both libraries have: {', '.join(unknown)}; shared: {', '.join(shared)}")
     print(f"# mixlab / timm, batch {args.batch}, {args.img_size}x{args.img_size}, {args.device}, amp {args.amp}, "
-          f"{args.repeats} repeats x {args.iters} batches\n# {environment(device)}", flush=True)
+          f"{args.repeats} repeats x {args.iters} batches\n# {env}", flush=True)
     if args.profile:
         for name in names:
             for mode in args.modes:
@@ -278,7 +222,7 @@ def main(argv=None) -> int:
     print(fmt_table(rows, args.memory))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": environment(device), "args": vars(args), "rows": rows}, f, indent=2)
+            json.dump({"environment": env, "args": vars(args), "rows": rows}, f, indent=2)
     return 0
 
 

@@ -1,0 +1,109 @@
+"""The benchmark scripts: their shared timing (benchmarks/timing.py) and a toy-sized run of each,
+so that a change to mixlab that breaks a benchmark is caught before someone needs its figures."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import timing  # noqa: E402
+
+
+class FakeRunner:
+    """Takes ``seconds[k]`` per batch in round k; records the order it was called in."""
+
+    def __init__(self, name, per_round, log):
+        self.name, self.per_round, self.log, self.warm = name, per_round, log, 0
+
+    def step(self):
+        self.warm += 1
+
+    def time(self, iters):
+        self.log.append(self.name)
+        return iters * 8 / self.per_round[sum(1 for n in self.log if n == self.name) - 1]
+
+
+def test_interleaved_rotates_the_order_and_takes_the_ratio_per_round():
+    log = []
+    runners = {"a": FakeRunner("a", [1.0, 2.0, 4.0], log), "b": FakeRunner("b", [2.0, 2.0, 2.0], log),
+               "c": FakeRunner("c", [0.5, 1.0, 1.0], log)}
+    seen = []
+    out = timing.interleaved(runners, "b", repeats=3, iters=2, warmup=2, report=lambda r, got: seen.append(r))
+    assert log == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # each goes first once
+    assert all(r.warm == 2 for r in runners.values())
+    assert seen == [0, 1, 2]
+    # a: 16, 8, 4 img/s; b: 8 every round; c: 32, 16, 16
+    assert out["img_s"] == {"a": 8.0, "b": 8.0, "c": 16.0}
+    assert out["ratios"] == {"a": [2.0, 1.0, 0.5], "c": [4.0, 2.0, 2.0]}
+    assert out["summary"]["a"] == {"ratio_min": 0.5, "ratio_median": 1.0, "ratio_max": 2.0}
+    assert "b" not in out["ratios"]
+
+
+def test_interleaved_rejects_an_unknown_reference_and_empty_rounds():
+    runners = {"a": FakeRunner("a", [1.0], [])}
+    with pytest.raises(ValueError, match="reference 'x' is not one of the runners"):
+        timing.interleaved(runners, "x", repeats=1, iters=1, warmup=0)
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        timing.interleaved(runners, "a", repeats=0, iters=1, warmup=0)
+
+
+def test_runner_trains_and_infers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
+    x = torch.randn(4, 3, 2, 2)
+    infer = timing.Runner(model, x, "infer")
+    assert not model.training and infer.step().shape == (4, 5)
+    before = model[1].weight.detach().clone()
+    train = timing.Runner(model, x, "train", num_classes=5)
+    assert model.training and train.step() is None
+    assert not torch.equal(before, model[1].weight)  # the SGD step moved the weights
+    assert train.time(2) > 0
+    with pytest.raises(ValueError, match="mode must be 'infer' or 'train'"):
+        timing.Runner(model, x, "eval")
+
+
+def run_script(name, *args, tmp_path):
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(BENCH / name), *args, "--json", str(out)] if name != "local_relation.py"
+                          else [sys.executable, str(BENCH / name), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_reparam_benchmark_runs(tmp_path):
+    stdout, result = run_script("reparam.py", "--small", "--fuse", "--img-size", "32", "--batch", "1",
+                                "--repeats", "2", "--warmup", "0", "--threads", "1", tmp_path=tmp_path)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"trained", "reparameterized", "fused"}
+    assert rows["reparameterized"]["max_rel_deviation"] < 1e-4 and rows["fused"]["max_rel_deviation"] < 1e-4
+    assert rows["reparameterized"]["params_m"] < rows["trained"]["params_m"]
+    assert len(rows["fused"]["ratios"]) == 2 and "ratios" not in rows["trained"]
+    assert "| reparameterized |" in stdout
+
+
+def test_local_relation_benchmark_runs(tmp_path):
+    stdout, _ = run_script("local_relation.py", "--batch", "2", "--repeats", "1", "--iters", "1", "--warmup", "0",
+                           tmp_path=tmp_path)
+    lines = [line for line in stdout.splitlines() if line.startswith("| nano_lrnet |")]
+    assert len(lines) == 2  # train and infer
+    deviation = float(lines[0].rstrip(" |").split("|")[-1])
+    assert deviation < 1e-4  # both layers compute the same thing
+
+
+def test_vs_timm_benchmark_runs(tmp_path):
+    pytest.importorskip("timm")
+    stdout, result = run_script("vs_timm.py", "--models", "resnet50", "--modes", "infer", "--img-size", "32",
+                                "--batch", "1", "--repeats", "2", "--iters", "1", "--warmup", "0", "--no-memory",
+                                "--threads", "1", tmp_path=tmp_path)
+    (row,) = result["rows"]
+    assert row["model"] == "resnet50" and row["mode"] == "infer" and len(row["ratios"]) == 2
+    assert row["ratio_min"] <= row["ratio_median"] <= row["ratio_max"]
+    assert "timm " in result["environment"] and "| resnet50 | infer |" in stdout

@@ -102,6 +102,15 @@ def test_talking_heads_matches_timm_on_the_same_weights():
     x = randn(2, 9, D)
     with torch.no_grad():
         close(ours(x), theirs(x))
+    # and the same gradients (the head mixing is batched matrix products here, linear layers there)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = randn(2, 9, D)
+    (ours(xa) * g).sum().backward()
+    (theirs(xb) * g).sum().backward()
+    close(xa.grad, xb.grad)
+    for mine, timms in (("pre_mix", "proj_l"), ("post_mix", "proj_w")):
+        close(getattr(ours, mine).weight.grad, getattr(theirs, timms).weight.grad)
+        close(getattr(ours, mine).bias.grad, getattr(theirs, timms).bias.grad)
 
 
 # --------------------------------------------------------------------------------------------

@@ -58,7 +58,8 @@ class TokenProjection(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         self.check(t)
-        return torch.matmul(self.weight, t) + self.bias[:, None]
+        # one batched product with the bias added in it (W·t then + b would write the output twice)
+        return torch.baddbmm(self.bias[:, None], self.weight.expand(t.shape[0], -1, -1), t)
 
     def extra_repr(self) -> str:
         return f"num_tokens={self.num_tokens}"

@@ -22,9 +22,16 @@ TINY = "spec:patch4 / convnext:1x16:kernel=3"
 SMALL_DATA = ["--set", "data.limit_train=512", "--set", "data.limit_val=128", "--batch-size", "32"]
 
 
+def _foreground_sigint() -> None:
+    # as a command typed at a terminal has it: a test suite started in the background by a
+    # non-interactive shell (nohup ... &) hands its children SIGINT ignored, and Python then
+    # never raises KeyboardInterrupt, which the interrupt tests need
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _arena(args, **kw):
     return subprocess.Popen([sys.executable, "-m", "mixlab", "arena", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_foreground_sigint, **kw)
 
 
 def _children_of(pid: int) -> list[int]:

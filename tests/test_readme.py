@@ -79,16 +79,30 @@ def test_readme_arena_table_is_a_measured_report():
 
 
 def test_readme_fashion_mnist_rows_are_the_committed_runs():
-    """The Fashion-MNIST rows in the README are the summaries of the committed runs."""
+    """The Fashion-MNIST rows in the README are the summaries of the committed runs: one column
+    per seed ("—" where that run has not finished), and their mean."""
+    import statistics
     table = README.split("<!-- arena-fmnist:start -->")[1].split("<!-- arena-fmnist:end -->")[0]
-    rows = [ln for ln in table.splitlines() if ln.startswith("| nano_")]
+    lines = table.splitlines()
+    header = [c.strip() for c in next(ln for ln in lines if ln.startswith("| model")).strip("|").split("|")]
+    rows = [ln for ln in lines if ln.startswith("| nano_")]
     results = ROOT / "benchmarks" / "results" / "arena-fashion-mnist-10ep-3seed"
-    assert rows
+    assert len(rows) == 8 and {"seed 0", "seed 1", "seed 2", "mean"} <= set(header)
     for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        summary = json.loads((results / "runs" / cells[0] / "seed0" / "summary.json").read_text())
-        assert float(cells[1]) == round(summary["top1"], 2) and summary["data"] == "fashion-mnist"
-        assert summary["epochs"] == 10 and float(cells[2]) == round(summary["params"] / 1e6, 2)
+        cells = dict(zip(header, (c.strip() for c in row.strip("|").split("|"))))
+        tops = []
+        for seed in range(3):
+            path = results / "runs" / cells["model"] / f"seed{seed}" / "summary.json"
+            if not path.exists():
+                assert cells[f"seed {seed}"] == "—", (cells["model"], seed)
+                continue
+            summary = json.loads(path.read_text())
+            assert summary["data"] == "fashion-mnist" and summary["epochs"] == 10
+            assert f"  seed: {seed}\n" in (path.parent / "config.yaml").read_text()
+            assert float(cells[f"seed {seed}"]) == round(summary["top1"], 2), (cells["model"], seed)
+            assert float(cells["params (M)"]) == round(summary["params"] / 1e6, 2)
+            tops.append(summary["top1"])
+        assert tops and cells["mean"] == f"{statistics.mean(tops):.2f}", cells["model"]
 
 
 def test_readme_zoo_arena_figures_are_the_committed_report():

@@ -80,17 +80,23 @@ def test_readme_arena_table_is_a_measured_report():
 
 def test_readme_fashion_mnist_rows_are_the_committed_runs():
     """The Fashion-MNIST rows in the README are the summaries of the committed runs: one column
-    per seed ("—" where that run has not finished), and their mean."""
+    per seed ("—" where that run has not finished), their mean ± standard deviation, ranked by the
+    mean, and each model's gap to the leader with Welch's t-test p-value over the seeds."""
     import statistics
+    import warnings
+
+    from scipy import stats
     table = README.split("<!-- arena-fmnist:start -->")[1].split("<!-- arena-fmnist:end -->")[0]
     lines = table.splitlines()
-    header = [c.strip() for c in next(ln for ln in lines if ln.startswith("| model")).strip("|").split("|")]
-    rows = [ln for ln in lines if ln.startswith("| nano_")]
+    header = [c.strip() for c in next(ln for ln in lines if ln.startswith("| rank")).strip("|").split("|")]
+    rows = [ln for ln in lines if ln.startswith("| ") and "| nano_" in ln]
     results = ROOT / "benchmarks" / "results" / "arena-fashion-mnist-10ep-3seed"
-    assert len(rows) == 8 and {"seed 0", "seed 1", "seed 2", "mean"} <= set(header)
-    for row in rows:
+    assert len(rows) == 8 and {"seed 0", "seed 1", "seed 2", "top-1 %", "gap to #1", "p (Welch)"} <= set(header)
+    tops = {}
+    for rank, row in enumerate(rows, 1):
         cells = dict(zip(header, (c.strip() for c in row.strip("|").split("|"))))
-        tops = []
+        assert cells["rank"] == str(rank)
+        tops[cells["model"]] = []
         for seed in range(3):
             path = results / "runs" / cells["model"] / f"seed{seed}" / "summary.json"
             if not path.exists():
@@ -101,8 +107,19 @@ def test_readme_fashion_mnist_rows_are_the_committed_runs():
             assert f"  seed: {seed}\n" in (path.parent / "config.yaml").read_text()
             assert float(cells[f"seed {seed}"]) == round(summary["top1"], 2), (cells["model"], seed)
             assert float(cells["params (M)"]) == round(summary["params"] / 1e6, 2)
-            tops.append(summary["top1"])
-        assert tops and cells["mean"] == f"{statistics.mean(tops):.2f}", cells["model"]
+            tops[cells["model"]].append(summary["top1"])
+        top = tops[cells["model"]]
+        assert cells["top-1 %"] == f"{statistics.mean(top):.2f} ± {statistics.stdev(top):.2f}", cells["model"]
+        lead = tops[next(iter(tops))]
+        if rank == 1:
+            assert cells["gap to #1"] == cells["p (Welch)"] == "—"
+            continue
+        assert statistics.mean(top) <= statistics.mean(lead), "ranked by the mean"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p = stats.ttest_ind(top, lead, equal_var=False).pvalue
+        assert cells["gap to #1"] == f"{statistics.mean(top) - statistics.mean(lead):+.2f}", cells["model"]
+        assert cells["p (Welch)"] == (f"{p:.3f}" if p >= 0.001 else "< 0.001"), cells["model"]
 
 
 def test_readme_zoo_arena_figures_are_the_committed_report():

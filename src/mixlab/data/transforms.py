@@ -37,8 +37,9 @@ def is_deterministic(transform: Callable | None) -> bool:
     """Whether ``transform`` is a :class:`v2.Compose` of steps that draw no random numbers and
     treat each image of a batch on its own (resize, centre crop, dtype, normalisation), as every
     evaluation pipeline of :func:`build_transforms` and a training one without augmentation are.
-    Such a transform can run once on a stacked batch of same-sized images, with the same result,
-    bit for bit, as on each image apart. Exact types only: a subclass may add randomness."""
+    Such a transform can run once on a stacked batch of same-sized images, with the same result
+    as on each image apart (bit for bit on the CPU, as the tests check). Exact types only: a
+    subclass may add randomness."""
     return isinstance(transform, v2.Compose) and all(type(t) in _DETERMINISTIC_STEPS for t in transform.transforms)
 
 

@@ -63,7 +63,8 @@ class LoaderRunner:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="digits", help="digits, fashion-mnist, cifar10, cifar100 (default: digits)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--img-size", type=int, default=28)
@@ -72,7 +73,8 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--iters", type=int, default=50, help="batches per contender per repeat")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1, as each arena run with --jobs 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default: 1, as each arena run with --jobs 2)")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -94,7 +96,8 @@ def main(argv=None) -> dict:
         sys.exit("the two loaders drew different labels")
     res = interleaved(runners, "per-image", repeats=args.repeats, iters=args.iters, warmup=args.warmup)
     s = res["summary"]["batched"]
-    print(f"| data | img size | batch | workers | per-image img/s | batched img/s | ratio min / median / max | max abs deviation |")
+    print("| data | img size | batch | workers | per-image img/s | batched img/s | ratio min / median / max "
+          "| max abs deviation |")
     print("|---|---:|---:|---:|---:|---:|---|---:|")
     print(f"| {args.data} | {args.img_size} | {args.batch} | {args.workers} | {res['img_s']['per-image']:,.0f} | "
           f"{res['img_s']['batched']:,.0f} | {s['ratio_min']:.2f} / {s['ratio_median']:.2f} / {s['ratio_max']:.2f} | "

@@ -1,6 +1,6 @@
-"""What the comparative benchmarks (``vs_timm.py``, ``reparam.py``, ``local_relation.py``) share:
-a model ready to time one batch at a time, the interleaved rounds whose per-round ratio each of
-them reports, and the one-line description of the machine.
+"""What the comparative benchmarks (``vs_timm.py``, ``reparam.py``, ``local_relation.py``,
+``data_loading.py``) share: a model ready to time one batch at a time, the interleaved rounds
+whose per-round ratio each of them reports, and the one-line description of the machine.
 
 Each round times ``iters`` batches of every contender back to back, rotating which goes first
 (with two contenders: alternating), after ``warmup`` batches each; the ratio contender /

@@ -98,6 +98,13 @@ def test_local_relation_benchmark_runs(tmp_path):
     assert deviation < 1e-4  # both layers compute the same thing
 
 
+def test_data_loading_benchmark_runs(tmp_path):
+    stdout, result = run_script("data_loading.py", "--batch", "8", "--repeats", "2", "--iters", "2", "--warmup", "0",
+                                tmp_path=tmp_path)
+    assert result["max_abs_deviation"] == 0 and len(result["ratios"]) == 2  # the same batches, bit for bit
+    assert set(result["img_s"]) == {"per-image", "batched"} and "| digits | 28 | 8 | 0 |" in stdout
+
+
 def test_vs_timm_benchmark_runs(tmp_path):
     pytest.importorskip("timm")
     stdout, result = run_script("vs_timm.py", "--models", "resnet50", "--modes", "infer", "--img-size", "32",

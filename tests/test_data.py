@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 from mixlab.data import (DataError, DatasetInfo, MixupCutmix, ResumableSampler, SeededDataset, build_datasets,
                          build_transforms, mix_seed)
+from mixlab.data.transforms import is_deterministic
 from mixlab.data import datasets as datasets_module
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -588,3 +589,42 @@ def test_seeded_dataset_plain_indices_for_evaluation():
     xs = torch.cat([x for x, _ in DataLoader(ds, batch_size=8, sampler=SequentialSampler(ds))])
     assert xs.shape == (20, 1, 12, 12)
     assert torch.equal(xs[7], ds[7][0])
+
+
+@pytest.mark.parametrize("size", [8, 12, 28])  # the native size (no resize), a downscale... of 8: an upscale
+def test_seeded_dataset_batches_deterministic_transforms_bit_for_bit(size):
+    """A deterministic transform over in-memory images runs once per batch, with exactly the
+    tensors and labels of the item-by-item path, in the DataLoader too (workers or not)."""
+    train, _, info = build_datasets("digits", limit_train=40)
+    for tf in (build_transforms(info, train=False, img_size=size), build_transforms(info, train=True, img_size=size)):
+        assert is_deterministic(tf)
+        ds = SeededDataset(train, tf, seed=5)
+        assert ds.batched
+        draws = [3, 0, 39, 40 + 7, 3 * 40 + 12]  # draw ids of later epochs decode to their index
+        batch = ds.__getitems__(draws)
+        for (x, y), d in zip(batch, draws):
+            ref_x, ref_y = ds[d]
+            assert torch.equal(x, ref_x) and x.dtype == torch.float32 and y == ref_y and type(y) is int
+        sampler = ResumableSampler(len(ds), seed=2)
+        loaders = [DataLoader(ds, batch_size=16, sampler=sampler, num_workers=w) for w in (0, 2)]
+        by_item = [torch.stack([ds[d][0] for d in chunk]) for chunk in torch.tensor(list(sampler)).split(16)]
+        for loader in loaders:
+            got = [x for x, _ in loader]
+            assert len(got) == len(by_item) and all(torch.equal(a, b) for a, b in zip(got, by_item))
+
+
+def test_seeded_dataset_batches_only_what_it_may():
+    """Random transforms, transformed or file-backed bases and no transform keep the per-item
+    path; negative draws are refused either way."""
+    train, _, info = build_datasets("digits", limit_train=16)
+    random_tf = build_transforms(info, train=True, img_size=12, hflip=0.5)
+    assert not is_deterministic(random_tf) and not is_deterministic(lambda x: x) and not is_deterministic(None)
+    assert not SeededDataset(train, random_tf).batched and not SeededDataset(train, None).batched
+    eval_tf = build_transforms(info, train=False, img_size=12)
+    pre_transformed = datasets_module.ArrayDataset(train.images, train.targets, train.classes, transform=eval_tf)
+    assert not SeededDataset(pre_transformed, eval_tf).batched
+    ds = SeededDataset(train, random_tf, seed=1)
+    assert all(torch.equal(x, ds[d][0]) for (x, _), d in zip(ds.__getitems__([4, 20, 1]), [4, 20, 1]))
+    for tf in (random_tf, eval_tf):
+        with pytest.raises(DataError, match="draw ids >= 0"):
+            SeededDataset(train, tf).__getitems__([1, -2])

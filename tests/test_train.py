@@ -264,3 +264,16 @@ def test_compile(tmp_path):
     s = train(build_config(tiny(tmp_path, name="compiled", data={"limit_train": 64, "limit_val": 32},
                                 train={"epochs": 1, "compile": True})))
     assert s["steps"] == 2
+
+
+def test_loaders_transform_whole_batches_unless_augmenting(tmp_path):
+    """Without augmentation (the arena's recipe) both loaders transform a batch at once; with an
+    augmentation only the evaluation loader does, and the training one draws per image."""
+    from mixlab.engine.distributed import DistInfo
+    from mixlab.engine.trainer import build_data
+    plain = build_config(tiny(tmp_path, name="plain"), recipe="arena")
+    train_loader, val_loader, _, _ = build_data(plain, DistInfo())
+    assert train_loader.dataset.batched and val_loader.dataset.batched
+    flips = build_config(tiny(tmp_path, name="flips", aug={"hflip": 0.5}))
+    train_loader, val_loader, _, _ = build_data(flips, DistInfo())
+    assert not train_loader.dataset.batched and val_loader.dataset.batched

@@ -17,7 +17,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from .datasets import DataError, DatasetInfo
 
-__all__ = ["build_transforms"]
+__all__ = ["build_transforms", "is_deterministic"]
 
 #: DeiT's interpolation, for every resize and crop.
 INTERPOLATION = InterpolationMode.BICUBIC
@@ -27,6 +27,20 @@ EVAL_CROP_PCT = 0.875
 
 #: 3-Augment's Gaussian blur: DeiT III draws the radius (sigma) from this range.
 BLUR_SIGMA = (0.1, 2.0)
+
+
+#: steps that draw no random numbers and treat each image of a batch on its own
+_DETERMINISTIC_STEPS = (v2.ToImage, v2.Resize, v2.CenterCrop, v2.ToDtype, v2.Normalize, v2.ToPureTensor)
+
+
+def is_deterministic(transform: Callable | None) -> bool:
+    """Whether ``transform`` is a :class:`v2.Compose` of steps that draw no random numbers and
+    treat each image of a batch on its own (resize, centre crop, dtype, normalisation), as every
+    evaluation pipeline of :func:`build_transforms` and a training one without augmentation are.
+    Such a transform can run once on a stacked batch of same-sized images, with the same result
+    as on each image apart (bit for bit on the CPU, as the tests check). Exact types only: a
+    subclass may add randomness."""
+    return isinstance(transform, v2.Compose) and all(type(t) in _DETERMINISTIC_STEPS for t in transform.transforms)
 
 
 def _check_prob(value: float, name: str) -> None:

@@ -185,7 +185,10 @@ def test_jobs_train_runs_side_by_side_and_an_interrupt_stops_them_all(tmp_path):
 
     out = tmp_path / "jobs"
     models = [TINY, "spec:patch4 / dwconv:1x16:kernel=3"]
-    args = [*models, "--epochs", "4", "--out", str(out), "--jobs", "2", "--no-speed", *SMALL_DATA]
+    # enough epochs that neither run can finish in the time the other takes to reach its first
+    # checkpoint (with batched data loading a tiny epoch takes a fraction of a second)
+    epochs = 12
+    args = [*models, "--epochs", str(epochs), "--out", str(out), "--jobs", "2", "--no-speed", *SMALL_DATA]
     proc = _arena(args)
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -215,7 +218,8 @@ def test_jobs_train_runs_side_by_side_and_an_interrupt_stops_them_all(tmp_path):
     for d in runs:
         text = (d / "train.log").read_text()
         assert f"{child_threads(2)} CPU thread(s)" in text and "resumed from ckpt-" in text
-        assert [json.loads(x)["epoch"] for x in (d / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+        assert [json.loads(x)["epoch"] for x in (d / "metrics.jsonl").read_text().splitlines()] == list(
+            range(1, epochs + 1))
     results = json.loads((out / "results.json").read_text())["results"]
     assert [r["model"] for r in results] == models and all(r["status"] == "done" for r in results)
 

@@ -193,10 +193,14 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, draw: int) -> tuple[Any, Any]:
+    def _index(self, draw: int) -> int:
+        """The index of ``base`` that draw id ``draw`` decodes to."""
         if draw < 0:
             raise DataError(f"SeededDataset indices are draw ids >= 0, got {draw}")
-        image, label = self.base[int(draw) % len(self)]
+        return int(draw) % len(self)
+
+    def __getitem__(self, draw: int) -> tuple[Any, Any]:
+        image, label = self.base[self._index(draw)]
         if self.transform is None:
             return image, label
         item_seed = mix_seed(self.seed, draw)
@@ -217,8 +221,6 @@ class SeededDataset(Dataset):
         draws]``, computed on the whole batch at once where :attr:`batched`."""
         if not self.batched or len(draws) == 0:
             return [self[d] for d in draws]
-        if min(draws) < 0:
-            raise DataError(f"SeededDataset indices are draw ids >= 0, got {min(draws)}")
-        index = torch.as_tensor([int(d) for d in draws], dtype=torch.long) % len(self)
+        index = torch.as_tensor([self._index(d) for d in draws], dtype=torch.long)
         images = self.transform(tv_tensors.Image(self.base.images[index]))
         return list(zip(images.unbind(0), self.base.targets[index].tolist()))

@@ -173,7 +173,7 @@ class SeededDataset(Dataset):
     :class:`~mixlab.data.datasets.ArrayDataset`, the batch is indexed at once and transformed
     once, stacked: the same tensors as item by item, bit for bit (tested for the pipelines of
     :func:`~mixlab.data.build_transforms`), without the per-image cost of the pipeline: about
-    0.25 ms an image on one CPU thread, against some 3 ms an image for a nano model's training step
+    0.2 ms an image on one CPU thread, against some 3 ms an image for a nano model's training step
     (``benchmarks/data_loading.py``).
     """
 

@@ -13,7 +13,11 @@ goes first, after a warm-up; the ratio of the two throughputs is taken per repea
 table gives its minimum, median and maximum over repeats (a ratio above 1 means mixlab is
 faster). Peak memory is measured per (library, architecture, mode) in a fresh child process:
 on the CPU the growth of the peak resident set size during one step, on CUDA
-``torch.cuda.max_memory_allocated``. Requires timm (``pip install timm``).
+``torch.cuda.max_memory_allocated``. The resident set also holds what the allocator keeps
+and one-off buffers of a first call, so on the CPU ``--tensor-memory`` adds a second probe:
+the peak bytes of the tensors allocated during the step and alive at once, from the
+allocator's reports in a ``torch.profiler`` trace (what ``max_memory_allocated`` measures on
+CUDA). Requires timm (``pip install timm``).
 """
 from __future__ import annotations
 
@@ -80,6 +84,8 @@ def compare(name: str, mode: str, args, device: torch.device) -> dict:
     if args.memory:
         for lib in ("mixlab", "timm"):
             row[f"{lib}_peak_mb"] = memory_probe(lib, name, mode, args)
+            if args.tensor_memory:
+                row[f"{lib}_tensor_peak_mb"] = memory_probe(lib, name, mode, args, kind="tensors")
     return row
 
 
@@ -117,10 +123,13 @@ def profile(name: str, mode: str, args, device: torch.device, top: int = 15) -> 
     return "\n".join(lines)
 
 
-def memory_probe(lib: str, name: str, mode: str, args) -> float | None:
-    """Peak memory of one step in a fresh process (MiB), or None if the probe failed."""
+def memory_probe(lib: str, name: str, mode: str, args, kind: str = "rss") -> float | None:
+    """Peak memory of one step in a fresh process (MiB), or None if the probe failed; ``kind``
+    "rss" (the resident set on the CPU) or "tensors" (the live tensors)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--probe", lib, name, mode, "--batch", str(args.batch),
-           "--img-size", str(args.img_size), "--device", args.device, "--amp", args.amp]
+           "--img-size", str(args.img_size), "--device", args.device, "--amp", args.amp, "--probe-kind", kind]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     try:
         return float(out.stdout.strip().splitlines()[-1])
@@ -146,6 +155,8 @@ def run_probe(lib: str, name: str, mode: str, args) -> float:
         runner.step()
         runner.sync()
         return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    if args.probe_kind == "tensors":
+        return tensor_peak_growth(runner)
     with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak RSS (VmHWM) to the current RSS
         f.write("5")
     base = _status_kib("VmRSS")
@@ -153,16 +164,47 @@ def run_probe(lib: str, name: str, mode: str, args) -> float:
     return (_status_kib("VmHWM") - base) / 1024
 
 
+def tensor_peak_growth(runner: Runner) -> float:
+    """Peak bytes of the CPU tensors allocated during one step and alive at once (MiB).
+
+    Read from the "[memory]" events of ``torch.profiler``'s trace: with ``profile_memory`` the
+    CPU allocator reports each allocation and free made while profiling, with its running
+    total ("Total Allocated"), which counts only what was allocated since profiling began."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        runner.step()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
+    if not totals:
+        raise RuntimeError("the profiler recorded no CPU allocation during the step")
+    return max(totals) / 2 ** 20
+
+
 def fmt_table(rows: list[dict], memory: bool) -> str:
     head = ["model", "mode", "mixlab img/s", "timm img/s", "ratio min", "ratio median", "ratio max"]
+    tensors = memory and any("mixlab_tensor_peak_mb" in r for r in rows)
     if memory:
         head += ["mixlab peak MiB", "timm peak MiB"]
+    if tensors:
+        head += ["mixlab tensor peak MiB", "timm tensor peak MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     for r in rows:
         cells = [r["model"], r["mode"], f"{r['mixlab_img_s']:.1f}", f"{r['timm_img_s']:.1f}", f"{r['ratio_min']:.2f}",
                  f"**{r['ratio_median']:.2f}**", f"{r['ratio_max']:.2f}"]
         if memory:
             cells += [f"{r.get('mixlab_peak_mb') or float('nan'):.0f}", f"{r.get('timm_peak_mb') or float('nan'):.0f}"]
+        if tensors:
+            cells += [f"{r.get('mixlab_tensor_peak_mb') or float('nan'):.0f}",
+                      f"{r.get('timm_tensor_peak_mb') or float('nan'):.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -181,12 +223,21 @@ def main(argv=None) -> int:
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's choice)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory probes")
+    p.add_argument("--tensor-memory", action="store_true",
+                   help="CPU: also probe the peak of the tensors allocated during one step (from a torch.profiler "
+                        "trace), which leaves out what the allocator keeps (the resident set includes it)")
     p.add_argument("--profile", action="store_true",
                    help="instead of timing rounds, profile --iters steps of each library and print the self time "
                         "per operator side by side (where a ratio below 1 comes from)")
     p.add_argument("--json", help="also write the rows as JSON to this file")
     p.add_argument("--probe", nargs=3, metavar=("LIB", "MODEL", "MODE"), help=argparse.SUPPRESS)
+    p.add_argument("--probe-kind", default="rss", choices=["rss", "tensors"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.tensor_memory and not args.memory:
+        p.error("--tensor-memory is a memory probe: it cannot go with --no-memory")
+    if args.tensor_memory and torch.device(args.device).type == "cuda":
+        p.error("--tensor-memory is for the CPU: on CUDA the peak-memory column already counts tensors only "
+                "(torch.cuda.max_memory_allocated)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.probe:

@@ -114,3 +114,27 @@ def test_vs_timm_benchmark_runs(tmp_path):
     assert row["model"] == "resnet50" and row["mode"] == "infer" and len(row["ratios"]) == 2
     assert row["ratio_min"] <= row["ratio_median"] <= row["ratio_max"]
     assert "timm " in result["environment"] and "| resnet50 | infer |" in stdout
+
+
+def test_tensor_peak_growth_is_the_live_tensor_peak_of_one_step():
+    """The --tensor-memory probe: a step that holds 16 MiB and 8 MiB at once, then frees both,
+    peaks 24 MiB above where it started, whatever was alive before it."""
+    vs_timm = pytest.importorskip("vs_timm")
+    before = torch.ones(1 << 20)  # alive throughout: not growth
+
+    class Step:
+        def step(self):
+            a = torch.ones(4 << 20)  # 16 MiB of float32
+            b = torch.ones(2 << 20)  # 8 MiB
+            return float(a[0] + b[0])
+
+    grown = vs_timm.tensor_peak_growth(Step())
+    assert 24 <= grown < 25, grown
+    assert before.sum() == 1 << 20
+
+
+def test_vs_timm_tensor_memory_is_refused_without_memory_probes():
+    pytest.importorskip("timm")
+    out = subprocess.run([sys.executable, str(BENCH / "vs_timm.py"), "--tensor-memory", "--no-memory"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "cannot go with --no-memory" in out.stderr

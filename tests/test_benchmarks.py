@@ -14,6 +14,7 @@ import torch.nn as nn
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import timing  # noqa: E402
+import vs_timm  # noqa: E402  (imports timm only inside its functions)
 
 
 class FakeRunner:
@@ -119,7 +120,6 @@ def test_vs_timm_benchmark_runs(tmp_path):
 def test_tensor_peak_growth_is_the_live_tensor_peak_of_one_step():
     """The --tensor-memory probe: a step that holds 16 MiB and 8 MiB at once, then frees both,
     peaks 24 MiB above where it started, whatever was alive before it."""
-    vs_timm = pytest.importorskip("vs_timm")
     before = torch.ones(1 << 20)  # alive throughout: not growth
 
     class Step:
@@ -134,7 +134,6 @@ def test_tensor_peak_growth_is_the_live_tensor_peak_of_one_step():
 
 
 def test_vs_timm_tensor_memory_is_refused_without_memory_probes():
-    pytest.importorskip("timm")
     out = subprocess.run([sys.executable, str(BENCH / "vs_timm.py"), "--tensor-memory", "--no-memory"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "cannot go with --no-memory" in out.stderr

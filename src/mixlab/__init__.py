@@ -7,8 +7,8 @@
 """
 from . import layers, mixers, models  # noqa: F401  (registers the models)
 from .registry import create_model, is_model, list_models, model_family, register_model
+from .version import __version__
 from .weights import load_pretrained
 
-__version__ = "0.1.0"
 __all__ = ["create_model", "list_models", "is_model", "model_family", "register_model", "load_pretrained",
            "__version__"]

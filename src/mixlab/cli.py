@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 
 
 def _fmt_int(n: int) -> str:

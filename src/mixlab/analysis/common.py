@@ -112,7 +112,7 @@ def figure_png(fig) -> bytes:
 def write_outputs(out_dir, json_name: str, payload: dict, figures: dict | None = None) -> dict[str, Path]:
     """Write ``payload`` as JSON and each ``{file name: matplotlib Figure}`` as PNG into ``out_dir``,
     each file atomically; returns the paths written."""
-    from ..engine.metrics import write_atomic
+    from ..fileio import write_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..engine.metrics import write_atomic
+from ..fileio import write_atomic
 
 __all__ = ["write_report"]
 

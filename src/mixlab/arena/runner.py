@@ -35,11 +35,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__
 from ..config import RUN_CONFIG, Config, ConfigError, build_config
-from ..engine.metrics import MetricsLog, write_atomic
+from ..engine.metrics import MetricsLog
+from ..fileio import write_atomic
 from ..engine.trainer import model_slug
 from ..models.nano import LINE_UPS
+from ..version import __version__
 
 #: what ``mixlab arena`` trains when no model is named: the eight families of the seeds' argument
 DEFAULT_MODELS = LINE_UPS["nano"]

@@ -7,9 +7,8 @@
 * :func:`check_compatible`: a clear error when a checkpoint does not fit a model;
 * :class:`CheckpointManager`: numbered checkpoints in a directory, rotation, best tracking.
 
-Every file is written atomically: to a temporary file in the same directory (named
-``.<name>.<random>.tmp``), flushed to disk, then renamed over the target with
-:func:`os.replace`; a crash leaves either the old file or the new one, never half a file.
+Every file is written atomically (:func:`mixlab.fileio.atomic_write`): a crash leaves either
+the old file or the new one, never half a file.
 """
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import uuid
 import warnings
 from pathlib import Path
@@ -31,6 +29,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
+from ..fileio import atomic_write, write_json
 from .ema import unwrap_model
 
 __all__ = ["CheckpointError", "save_weights", "load_weights", "save_state", "load_state", "rng_state",
@@ -41,49 +40,6 @@ PathLike = str | os.PathLike
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, or does not fit the model it is loaded into."""
-
-
-# -- atomic writes ---------------------------------------------------------------------------------
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` for a temporary file next to ``path``, fsync it, rename it to ``path``
-    (mode 0644; ``tempfile`` would leave it 0600).
-
-    On any error the temporary file is removed and ``path`` is left as it was. Every file
-    mixlab writes that a crash must not leave half-written goes through here.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _write_json(path: PathLike, obj: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 # -- weights -----------------------------------------------------------------------------------------
@@ -416,7 +372,7 @@ class CheckpointManager:
                  "metric": None if metric is None else float(metric), "checkpoint_id": ckpt_id}
         save_weights(model_state, weights_path, meta)
         save_state(state, state_path)  # the checkpoint is complete from here on
-        _write_json(self.directory / "latest.json",
+        write_json(self.directory / "latest.json",
                     {"checkpoint": stem.name, "epoch": state["epoch"], "step": step, "metric": state["metric"]})
         if self.keep_best and self._improves(state["metric"]):
             self._save_best(weights_path, state["metric"], state["epoch"], step, stem.name)
@@ -433,7 +389,7 @@ class CheckpointManager:
 
         atomic_write(self.directory / "best.safetensors", link_or_copy)
         self._best = {"metric": metric, "epoch": epoch, "step": step, "checkpoint": name, "mode": self.mode}
-        _write_json(self.directory / "best.json", self._best)
+        write_json(self.directory / "best.json", self._best)
 
     def _rotate(self, keep: int) -> None:
         """Delete complete checkpoints beyond ``keep_last`` (never step ``keep``) and partial

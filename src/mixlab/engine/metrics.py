@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_write
+from ..fileio import write_atomic
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -29,13 +29,6 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
     pred = logits.topk(maxk, dim=-1).indices
     hit = pred.eq(labels.unsqueeze(-1))
     return [int(hit[:, :min(k, maxk)].any(dim=-1).sum()) for k in ks]
-
-
-def write_atomic(path, data: str | bytes) -> None:
-    """Write ``data`` (text as UTF-8) to ``path`` atomically: a crash leaves the old file or
-    the new one, never half of one (see :func:`~mixlab.engine.checkpoint.atomic_write`)."""
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    atomic_write(path, lambda tmp: tmp.write_bytes(payload))
 
 
 class MetricsLog:

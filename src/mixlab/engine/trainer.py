@@ -24,15 +24,16 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from .. import __version__
 from ..analysis import count_macs, count_params
 from ..config import RUN_CONFIG, Config, ConfigError, load_run_config
 from ..data import MixupCutmix, ResumableSampler, SeededDataset, build_datasets, build_transforms, mix_seed
+from ..fileio import write_atomic
 from ..registry import create_model
+from ..version import __version__
 from .checkpoint import CheckpointManager, check_compatible, load_weights, rng_state, set_rng_state
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from .ema import ModelEma
-from .metrics import MetricsLog, binary_cross_entropy, soft_cross_entropy, topk_correct, write_atomic
+from .metrics import MetricsLog, binary_cross_entropy, soft_cross_entropy, topk_correct
 from .optim import build_optimizer
 from .scheduler import build_scheduler
 

@@ -258,7 +258,7 @@ def parse_hub_id(source: str) -> tuple[str, str | None, str | None]:
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
     return __version__
 
 

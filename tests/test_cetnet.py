@@ -288,8 +288,8 @@ def test_nano_cetnet():
 
 
 def test_lewin_spec_mixer():
-    from mixlab.models.spec import MIXERS
-    assert MIXERS["lewin"][0] == {"heads": 4, "window": 7}
+    from mixlab.registry import MIXERS
+    assert MIXERS["lewin"].options == {"heads": 4, "window": 7}
     torch.manual_seed(0)
     m = mixlab.create_model("spec:patch2 / lewin:2x16:heads=2,window=4 / lewin:1x32:heads=2,window=4",
                             img_size=16, num_classes=3).eval()

@@ -59,11 +59,11 @@ def test_list(capsys):
 
 
 def test_list_spec_mixers(capsys):
-    from mixlab.models.spec import MIXERS
+    from mixlab.registry import MIXERS
     assert main(["list", "--mixers", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [m["mixer"] for m in listed] == list(MIXERS)
-    assert {"mixer": "window", "options": {"heads": 4, "window": 7}, "block": MIXERS["window"][1]} in listed
+    assert {"mixer": "window", "options": {"heads": 4, "window": 7}, "block": MIXERS["window"].description} in listed
     assert main(["list", "--mixers", "g*"]) == 0
     out = capsys.readouterr().out
     assert out.split()[0] == "gfilter" and "gmlp" in out and "window" not in out

@@ -454,11 +454,10 @@ def test_timm_poolformer_weights_into_the_authors_head_warn():
 
 def test_a_registered_layout_is_detected_and_converted(monkeypatch):
     """Families defined in their own modules teach the converter their timm names."""
-    from mixlab.weights import convert as conv
+    from mixlab import registry
     from mixlab.models.poolformer import PoolFormer
-    monkeypatch.setattr(conv, "_EXTRA_LAYOUTS", [])
-    monkeypatch.setattr(conv, "_EXTRA_MIXLAB_PATTERNS", [])
-    monkeypatch.setattr(conv, "_EXTRA_CLASSES", [])
+    monkeypatch.setattr(registry, "LAYOUTS", [])
+    monkeypatch.setattr(registry, "MODEL_CLASSES", {})
 
     class Tiny(PoolFormer):
         pass
@@ -466,9 +465,9 @@ def test_a_registered_layout_is_detected_and_converted(monkeypatch):
     model = Tiny(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), num_classes=3)
     renamed = {k.replace("stages.", "levels.").replace("blocks.", "units."): v for k, v in model.state_dict().items()}
     renamed = {("odd." + k if k.startswith("levels") else k): v for k, v in renamed.items()}
-    conv.register_layout("timm", "tiny", [r"^odd\.levels\."],
-                         [(r"^odd\.levels\.(\d+)\.units\.(.+)$", r"stages.\1.blocks.\2"),
-                          (r"^odd\.levels\.(\d+)\.(.+)$", r"stages.\1.\2")], model_class=Tiny)
+    registry.register_layout("timm", "tiny", [r"^odd\.levels\."],
+                             [(r"^odd\.levels\.(\d+)\.units\.(.+)$", r"stages.\1.blocks.\2"),
+                              (r"^odd\.levels\.(\d+)\.(.+)$", r"stages.\1.\2")], model_class=Tiny)
     assert detect_format(renamed) == "timm"
     out = convert_state_dict(renamed, model)
     assert out.keys() == model.state_dict().keys()
@@ -477,5 +476,5 @@ def test_a_registered_layout_is_detected_and_converted(monkeypatch):
     with pytest.raises(ValueError, match="timm tiny checkpoint"):
         convert_state_dict(renamed, PoolFormer(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), num_classes=3))
     # the family's own names are recognised as mixlab's before any other layout
-    conv.register_layout("timm", "tiny2", [r"^stem\."], [], mixlab_patterns=[r"^stem\.proj\."])
+    registry.register_layout("timm", "tiny2", [r"^stem\."], [], mixlab_patterns=[r"^stem\.proj\."])
     assert detect_format({"stem.proj.weight": torch.zeros(1)}) == "mixlab"

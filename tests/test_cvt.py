@@ -21,7 +21,7 @@ from mixlab.layers.fuse import fuse_batchnorm
 from mixlab.mixers import Mixer
 from mixlab.mixers.conv_attention import ConvAttention
 from mixlab.models.cvt import AUTHORS_RULES, CvT, QuickGELU
-from mixlab.models.spec import MIXERS
+from mixlab.registry import MIXERS
 from mixlab.weights import convert_state_dict, detect_format
 from test_parity import _fast_init, randomize_  # noqa: F401
 from test_nano import mixer_calls
@@ -513,7 +513,7 @@ def test_every_mixer_keeps_the_contract_inside_the_network(name):
 
 
 def test_spec_mixer_is_registered():
-    opts, desc = MIXERS["convattn"]
+    opts, desc = MIXERS["convattn"].options, MIXERS["convattn"].description
     assert opts == {"heads": 4, "kv_stride": 2} and "CvT" in desc
     m = mixlab.create_model("spec:patch2 / convattn:1x16:heads=2 / convattn:1x32:heads=4,kv_stride=1",
                             img_size=32, num_classes=10).eval()

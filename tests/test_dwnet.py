@@ -366,9 +366,10 @@ def test_nano_spec_trains_one_step(name):
 
 
 def test_spec_mixer_options():
-    from mixlab.models.spec import MIXERS, SpecError
-    assert MIXERS["dwconv_block"][0] == {"kernel": 7}
-    assert MIXERS["ddwconv"][0] == {"kernel": 7, "reduction": 4}
+    from mixlab.models.spec import SpecError
+    from mixlab.registry import MIXERS
+    assert MIXERS["dwconv_block"].options == {"kernel": 7}
+    assert MIXERS["ddwconv"].options == {"kernel": 7, "reduction": 4}
     m = mixlab.create_model("spec:patch2 / ddwconv:1x16:kernel=5,reduction=2", img_size=16, num_classes=3)
     conv = m.stages[0].blocks[0].mixer.conv
     assert conv.kernel_size == 5 and conv.reduce.out_channels == 8

@@ -20,7 +20,8 @@ from mixlab.mixers.token_mlp import PermuteMLP, SpatialGatingMLP, TokenLinear
 from mixlab.models.base import FeatureExtractor
 from mixlab.models.gmlp import GMLP
 from mixlab.models.resmlp import ResMLP
-from mixlab.models.spec import MIXERS, SpecError
+from mixlab.models.spec import SpecError
+from mixlab.registry import MIXERS
 from mixlab.models.vip import VisionPermutator
 
 
@@ -390,9 +391,9 @@ NANO = {  # the proposed nano models (32x32, 10 classes) and their parameter cou
 
 
 def test_spec_mixers_are_registered():
-    assert MIXERS["resmlp"][0] == {"layer_scale": 0.1}
-    assert MIXERS["gmlp"][0] == {}
-    assert MIXERS["permute"][0] == {"segments": 8}
+    assert MIXERS["resmlp"].options == {"layer_scale": 0.1}
+    assert MIXERS["gmlp"].options == {}
+    assert MIXERS["permute"].options == {"segments": 8}
 
 
 def test_spec_blocks_get_the_stage_grid():

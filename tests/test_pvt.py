@@ -417,8 +417,8 @@ def _contract_inside(model, x):
 
 
 def test_spec_mixer():
-    from mixlab.models.spec import MIXERS
-    assert MIXERS["sra"][0] == {"heads": 2, "sr_ratio": 2}
+    from mixlab.registry import MIXERS
+    assert MIXERS["sra"].options == {"heads": 2, "sr_ratio": 2}
     spec = "spec:patch2 / sra:1x16:heads=1,sr_ratio=4 / sra:1x32:heads=2 / sra:1x32:heads=4,sr_ratio=1"
     torch.manual_seed(0)
     m = mixlab.create_model(spec, img_size=32, num_classes=10).double().eval()

@@ -373,8 +373,8 @@ def test_nano_spec_trains_one_step_and_reparameterizes():
 
 
 def test_spec_mixer_options():
-    from mixlab.models.spec import MIXERS
-    assert MIXERS["largekernel"][0] == {"kernel": 13, "small": 5}
+    from mixlab.registry import MIXERS
+    assert MIXERS["largekernel"].options == {"kernel": 13, "small": 5}
     m = mixlab.create_model("spec:patch2 / largekernel:1x16:kernel=9,small=0", img_size=16, num_classes=3)
     mixer = m.stages[0].blocks[0][0].mixer
     assert mixer.kernel_size == 9 and mixer.small is None

@@ -28,7 +28,8 @@ from mixlab.models.base import FeatureExtractor
 from mixlab.models.cyclemlp import CycleMLP
 from mixlab.models.s2mlp import S2MLPv2
 from mixlab.models.shiftvit import ShiftViT, ShiftViTBlock
-from mixlab.models.spec import MIXERS, SpecNet, create_from_spec
+from mixlab.models.spec import SpecNet, create_from_spec
+from mixlab.registry import MIXERS
 from mixlab.weights import detect_format
 
 ATOL = 1e-10
@@ -556,9 +557,9 @@ NANO = {
 
 
 def test_spec_mixers_are_registered():
-    assert MIXERS["shift"][0] == {"n_div": 12}
-    assert MIXERS["s2mlp"][0] == {}
-    assert MIXERS["cycle"][0] == {"kernel": 3}
+    assert MIXERS["shift"].options == {"n_div": 12}
+    assert MIXERS["s2mlp"].options == {}
+    assert MIXERS["cycle"].options == {"kernel": 3}
 
 
 def test_spec_blocks_are_the_families_blocks():

@@ -8,7 +8,8 @@ import yaml
 import mixlab
 from mixlab.config import ConfigError, build_config
 from mixlab.engine.trainer import train
-from mixlab.models.spec import MIXERS, RESNET_MIXERS, SpecError, parse_spec
+from mixlab.models.spec import SpecError, parse_spec
+from mixlab.registry import MIXERS
 
 HYBRID = "spec:patch2 / convnext:2x16:kernel=3 / convnext:2x32:kernel=3 / attention:2x64:heads=2 / attention:1x64:heads=2"
 
@@ -32,7 +33,7 @@ def test_compact_string_equals_mapping(tmp_path):
 @pytest.mark.parametrize("mixer", list(MIXERS))
 def test_every_mixer_builds_runs_and_trains(mixer):
     torch.manual_seed(0)
-    down = "stride" if mixer in RESNET_MIXERS else "merge"
+    down = "stride" if MIXERS[mixer].strided else "merge"
     m = mixlab.create_model(f"spec:conv4 / {mixer}:2x16 / {mixer}:1x32:downsample={down}", img_size=32, in_chans=1,
                             num_classes=3, drop_path_rate=0.1)
     x = torch.randn(2, 1, 32, 32)
@@ -140,23 +141,49 @@ def test_mac_counting_on_meta_does_not_poison_window_attention():
     assert mixlab.create_model(name, img_size=28)(torch.randn(1, 3, 28, 28)).isfinite().all()
 
 
-def test_a_registered_spec_mixer_builds_and_is_checked(monkeypatch):
+def test_a_registered_spec_mixer_builds_and_is_checked():
     """Families in their own modules add mixers to the specification language."""
-    from mixlab.models import spec as spec_mod
-    monkeypatch.setattr(spec_mod, "MIXERS", dict(spec_mod.MIXERS))
-    monkeypatch.setattr(spec_mod, "SPEC_BLOCKS", dict(spec_mod.SPEC_BLOCKS))
+    from mixlab import registry
     seen = []
 
     def block(st, width, grid, ratio, dp, index, drop):
         seen.append((width, grid, st["kernel"], index))
         return mixlab.models.MetaBlock(width, mixlab.mixers.DepthwiseConv(width, st["kernel"]), mlp_ratio=ratio)
 
-    spec_mod.register_spec_mixer("mydw", {"kernel": 3}, "my depthwise conv", block)
-    m = mixlab.create_model("spec:patch2 / mydw:2x16 / mydw:1x32:kernel=5", img_size=32, num_classes=4)
-    assert seen == [(16, (16, 16), 3, 0), (16, (16, 16), 3, 1), (32, (8, 8), 5, 0)]
-    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 4)
-    assert m.stage_mixers[1] == "my depthwise conv (kernel=5)"
-    with pytest.raises(SpecError, match=r"unknown option\(s\) \['heads'\]"):
-        mixlab.create_model("spec:patch2 / mydw:1x16:heads=2")
-    with pytest.raises(ValueError, match="already registered"):
-        spec_mod.register_spec_mixer("attention", {}, "again", block)
+    registry.register_spec_mixer("mydw", {"kernel": 3}, "my depthwise conv", block)
+    try:
+        m = mixlab.create_model("spec:patch2 / mydw:2x16 / mydw:1x32:kernel=5", img_size=32, num_classes=4)
+        assert seen == [(16, (16, 16), 3, 0), (16, (16, 16), 3, 1), (32, (8, 8), 5, 0)]
+        assert m(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+        assert m.stage_mixers[1] == "my depthwise conv (kernel=5)"
+        with pytest.raises(SpecError, match=r"unknown option\(s\) \['heads'\]"):
+            mixlab.create_model("spec:patch2 / mydw:1x16:heads=2")
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register_spec_mixer("attention", {}, "again", block)
+    finally:
+        registry.MIXERS.pop("mydw")
+
+
+def test_a_strided_spec_mixer_takes_the_stage_input_and_a_check():
+    """``strided`` mixers downsample in their first block (ResNet's way) and may hold a context
+    module in every block; ``check`` refuses stages the block cannot be built for."""
+    from mixlab import registry
+    calls = []
+
+    def block(st, width, grid, ratio, dp, index, drop, *, in_chs, stride, context):
+        calls.append((in_chs, width, stride, context is not None))
+        return mixlab.models.resnet.BasicBlock(in_chs, width, stride, dp, context)
+
+    registry.register_spec_mixer("mybasic", {}, "my basic block", block, strided=True,
+                                 check=lambda st: "width must be even" if st["width"] % 2 else None)
+    try:
+        m = mixlab.create_model("spec:conv4 / mybasic:1x8 / mybasic:2x16:context=se,context_placement=block",
+                                img_size=32, num_classes=3)
+        assert calls == [(8, 8, 1, False), (8, 16, 2, True), (16, 16, 1, True)]
+        assert m(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+        with pytest.raises(SpecError, match=r"stage 0 \(mybasic\): width must be even"):
+            mixlab.create_model("spec:conv4 / mybasic:1x9")
+        with pytest.raises(SpecError, match="downsample 'merge' is not one of stride, none"):
+            mixlab.create_model("spec:conv4 / mybasic:1x8 / mybasic:1x16:downsample=merge")
+    finally:
+        registry.MIXERS.pop("mybasic")

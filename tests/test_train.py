@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from mixlab.config import build_config
-from mixlab.engine.checkpoint import load_weights
+from mixlab.weights import load_weights
 from mixlab.engine.trainer import evaluate_run, train
 
 # a ~20K-parameter ConvNeXt on the native 8x8 digits: each epoch takes well under a second

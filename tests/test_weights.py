@@ -16,8 +16,9 @@ import torch
 
 import mixlab
 from mixlab.cli import main
-from mixlab.weights import DEFAULT_WEIGHTS, LoadResult, load_pretrained, read_checkpoint
-from mixlab.weights import load as load_mod
+from mixlab.registry import DEFAULT_WEIGHTS
+from mixlab.weights import LoadResult, load_pretrained, read_checkpoint
+from mixlab.weights import io as io_mod
 
 SPEC = "spec:patch4 / convnext:1x16:kernel=3"
 
@@ -294,7 +295,7 @@ def test_resized_tensors_are_reported(monkeypatch):
         out[key] = torch.ones(target.shape)
         return out
 
-    monkeypatch.setattr("mixlab.weights.convert.convert_state_dict", fake_convert)
+    monkeypatch.setattr("mixlab.weights.load.convert_state_dict", fake_convert)
     src = {f"old.{k}": (torch.zeros(1, 2, 3) if k == key else v) for k, v in sd.items()}
     model = tiny(1)
     assert load_pretrained(model, src).resized == [key]
@@ -357,7 +358,7 @@ def test_create_model_reads_mixlab_metadata(tmp_path):
 
 def test_architecture_kwargs_are_merged_and_conflicts_refused(monkeypatch):
     sd = randomized(tiny(in_chans=1))
-    monkeypatch.setattr("mixlab.weights.convert.architecture_kwargs", lambda name, state_dict: {"in_chans": 1})
+    monkeypatch.setattr("mixlab.factory.architecture_kwargs", lambda name, state_dict: {"in_chans": 1})
     model = mixlab.create_model(SPEC, img_size=32, pretrained=sd)
     assert model.in_chans == 1
     model = mixlab.create_model(SPEC, img_size=32, in_chans=1, pretrained=sd)  # agreeing is fine
@@ -368,7 +369,7 @@ def test_architecture_kwargs_are_merged_and_conflicts_refused(monkeypatch):
 def test_adaptable_architecture_kwargs_follow_the_caller(monkeypatch):
     """img_size (and window_size) are adapted to by the conversion: the caller's value wins
     unless the weights then do not fit (an MLP-Mixer's token MLP depends on the input size)."""
-    monkeypatch.setattr("mixlab.weights.convert.architecture_kwargs", lambda name, state_dict: {"img_size": 64})
+    monkeypatch.setattr("mixlab.factory.architecture_kwargs", lambda name, state_dict: {"img_size": 64})
     sd = randomized(tiny(img_size=64))
     assert mixlab.create_model(SPEC, pretrained=sd).img_size == (64, 64)
     assert mixlab.create_model(SPEC, img_size=32, pretrained=sd).img_size == (32, 32)  # convolutions: any size
@@ -401,11 +402,11 @@ def test_top_level_export():
 
 # -- the Hugging Face Hub -------------------------------------------------------------------------------
 def test_hub_ids_are_parsed():
-    assert load_mod.parse_hub_id("hf-hub:org/name") == ("org/name", None, None)
-    assert load_mod.parse_hub_id("hf-hub:org/name@v1.0") == ("org/name", "v1.0", None)
-    assert load_mod.parse_hub_id("hf-hub:org/name@main/sub/w.bin") == ("org/name", "main", "sub/w.bin")
+    assert io_mod.parse_hub_id("hf-hub:org/name") == ("org/name", None, None)
+    assert io_mod.parse_hub_id("hf-hub:org/name@v1.0") == ("org/name", "v1.0", None)
+    assert io_mod.parse_hub_id("hf-hub:org/name@main/sub/w.bin") == ("org/name", "main", "sub/w.bin")
     with pytest.raises(ValueError, match="not a Hub id"):
-        load_mod.parse_hub_id("hf-hub:justname")
+        io_mod.parse_hub_id("hf-hub:justname")
 
 
 def test_hub_offline_is_a_clear_error(monkeypatch):

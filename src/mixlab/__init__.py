@@ -6,7 +6,8 @@
 ['convnext_base', 'convnext_small', 'convnext_tiny']
 """
 from . import layers, mixers, models  # noqa: F401  (registers the models)
-from .registry import create_model, is_model, list_models, model_family, register_model
+from .factory import create_model
+from .registry import is_model, list_models, model_family, register_model
 from .version import __version__
 from .weights import load_pretrained
 

@@ -44,19 +44,20 @@ def _list_spec_mixers(args) -> int:
     """The mixers a specification's stages can name, with their options and defaults."""
     import fnmatch
 
-    from .models.spec import MIXERS
+    from .registry import MIXERS
 
     names = [n for n in MIXERS if fnmatch.fnmatchcase(n, args.pattern or "*")]
     if not names:
         print(f"no spec mixer matches {args.pattern!r}; `mixlab list --mixers` shows them all", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps([{"mixer": n, "options": MIXERS[n][0], "block": MIXERS[n][1]} for n in names], indent=2))
+        print(json.dumps([{"mixer": n, "options": MIXERS[n].options, "block": MIXERS[n].description} for n in names],
+                         indent=2))
         return 0
     width = max(map(len, names))
     for n in names:
-        opts = ",".join(f"{k}={v}" for k, v in MIXERS[n][0].items()) or "-"
-        print(f"{n:<{width}}  {MIXERS[n][1]}  [{opts}]")
+        opts = ",".join(f"{k}={v}" for k, v in MIXERS[n].options.items()) or "-"
+        print(f"{n:<{width}}  {MIXERS[n].description}  [{opts}]")
     return 0
 
 
@@ -203,8 +204,8 @@ def cmd_convert(args) -> int:
     import warnings
 
     from .analysis import count_params
-    from .engine.checkpoint import save_weights
-    from .registry import create_model
+    from .factory import create_model
+    from .weights import checkpoint_metadata, save_weights
 
     dst = Path(args.dst)
     if dst.suffix.lower() != ".safetensors":
@@ -226,10 +227,9 @@ def cmd_convert(args) -> int:
         print(f"mixlab convert: warning: {w.message}", file=sys.stderr)
 
     cfg = model.pretrained_cfg
-    metadata = {"architecture": args.model, "source": args.src, "source_format": cfg.get("source_format", "mixlab"),
-                "input_size": json.dumps([model.in_chans, *model.img_size]), "mean": json.dumps(list(cfg["mean"])),
-                "std": json.dumps(list(cfg["std"])), "num_classes": str(model.num_classes),
-                "mixlab_version": __version__}
+    metadata = checkpoint_metadata(args.model, num_classes=model.num_classes, in_chans=model.in_chans,
+                                   img_size=model.img_size, mean=cfg["mean"], std=cfg["std"], source=str(args.src),
+                                   source_format=cfg.get("source_format", "mixlab"))
     state_dict = model.state_dict()
     save_weights(state_dict, dst, metadata)  # atomic; creates dst's directory
     params = count_params(model)
@@ -391,7 +391,7 @@ def _int_list(text: str, what: str) -> list[int]:
 def cmd_scale(args) -> int:
     from .analysis.common import write_outputs
     from .analysis.scale import measure_scaling, plot_scaling
-    from .registry import create_model
+    from .factory import create_model
 
     if not args.models:
         raise ValueError("name at least one model (see `mixlab list`)")

@@ -310,11 +310,10 @@ def validate(cfg: Config) -> None:
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(valid)}")
-    from .models.spec import SpecError, check_spec, is_spec
-    from .registry import UnknownModelError, resolve_name
+    from .factory import check_model_name
     try:
-        check_spec(cfg.model.name) if is_spec(cfg.model.name) else resolve_name(cfg.model.name)
-    except (UnknownModelError, SpecError) as e:
+        check_model_name(cfg.model.name)
+    except ValueError as e:  # an unknown name, or a specification that cannot be built
         raise ConfigError(f"model.name: {e}") from None
     positive = {"train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
                 "train.accum_steps": cfg.train.accum_steps, "aug.repeated_aug": cfg.aug.repeated_aug,

@@ -22,7 +22,7 @@ def load_model(name: str | None, checkpoint: str | None = None, **kwargs) -> tup
     ``data`` describes the run's dataset ({} without a run): name, root, img_size, in_chans.
     """
     from ..config import RUN_CONFIG
-    from ..registry import create_model
+    from ..factory import create_model
 
     if checkpoint is not None:
         path = Path(checkpoint)

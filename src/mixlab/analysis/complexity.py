@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..registry import create_model
+from ..factory import create_model
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

@@ -256,7 +256,7 @@ def measure_speed(model_name: str, img_size: int, in_chans: int, num_classes: in
     then batches until ``min_time`` seconds have passed (at least 3); the median batch counts."""
     import torch
 
-    from ..registry import create_model
+    from ..factory import create_model
     dev = torch.device(device)
     torch.manual_seed(0)
     model = create_model(model_name, img_size=img_size, in_chans=in_chans, num_classes=num_classes).to(dev)

@@ -1,11 +1,12 @@
-"""Checkpoints: weights as safetensors, training state as ``weights_only``-loadable torch files.
+"""Training checkpoints: the training state beside the weights, and a directory of them.
 
-* :func:`save_weights` / :func:`load_weights`: a state dict (+ string metadata) as safetensors;
 * :func:`save_state` / :func:`load_state`: optimizer, scheduler, EMA, counters, RNG states with
   ``torch.save``, refusing anything that ``torch.load(weights_only=True)`` could not read back;
 * :func:`rng_state` / :func:`set_rng_state`: the random streams of ``random``, numpy and torch;
-* :func:`check_compatible`: a clear error when a checkpoint does not fit a model;
 * :class:`CheckpointManager`: numbered checkpoints in a directory, rotation, best tracking.
+
+The weights files themselves are the checkpoint room's (:mod:`mixlab.weights`: ``save_weights``,
+``load_weights``, ``check_compatible``, ``CheckpointError``).
 
 Every file is written atomically (:func:`mixlab.fileio.atomic_write`): a crash leaves either
 the old file or the new one, never half a file.
@@ -24,72 +25,15 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
-import safetensors
-import safetensors.torch
 import torch
 import torch.nn as nn
 
 from ..fileio import atomic_write, write_json
-from .ema import unwrap_model
+from ..weights import CheckpointError, check_compatible, load_weights, save_weights  # noqa: F401 (the trainer's)
 
-__all__ = ["CheckpointError", "save_weights", "load_weights", "save_state", "load_state", "rng_state",
-           "set_rng_state", "check_compatible", "CheckpointManager"]
+__all__ = ["save_state", "load_state", "rng_state", "set_rng_state", "CheckpointManager"]
 
 PathLike = str | os.PathLike
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, or does not fit the model it is loaded into."""
-
-
-# -- weights -----------------------------------------------------------------------------------------
-def save_weights(state_dict: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, str] | None = None
-                 ) -> None:
-    """Write ``state_dict`` (names -> tensors) and string ``metadata`` as a safetensors file, atomically.
-
-    Non-contiguous tensors and tensors sharing memory with an earlier one (tied weights,
-    views) are cloned first, as safetensors requires. Tensors on a GPU are copied to the CPU.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    seen_storages: set[tuple[torch.device, int]] = set()
-    for name, t in state_dict.items():
-        if not isinstance(name, str):
-            raise TypeError(f"save_weights: state dict keys must be strings, got {name!r} ({type(name).__name__})")
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"save_weights: {name!r} is a {type(t).__name__}, not a tensor; safetensors stores tensors "
-                            f"only (put other values in the metadata as strings, or use save_state)")
-        t = t.detach()
-        if t.layout != torch.strided:
-            raise TypeError(f"save_weights: {name!r} is a {t.layout} tensor; convert it with .to_dense() first")
-        storage = (t.device, t.untyped_storage().data_ptr())
-        if storage in seen_storages or not t.is_contiguous():
-            t = t.clone(memory_format=torch.contiguous_format)
-        else:
-            seen_storages.add(storage)
-        tensors[name] = t
-    meta = None
-    if metadata:
-        bad = {k: v for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))}
-        if bad:
-            k, v = next(iter(bad.items()))
-            raise TypeError(f"save_weights: metadata must map strings to strings; {k!r} maps to a "
-                            f"{type(v).__name__} ({v!r}); convert it with str() or json.dumps()")
-        meta = dict(metadata)
-    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=meta))
-
-
-def load_weights(path: PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors file: ``(state_dict, metadata)`` (metadata ``{}`` when there is none)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no weights file at {str(path)!r}")
-    try:
-        with safetensors.safe_open(str(path), framework="pt", device=str(device)) as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except safetensors.SafetensorError as e:
-        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e})") from e
-    return tensors, metadata
 
 
 # -- training state --------------------------------------------------------------------------------
@@ -182,75 +126,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s.cpu(), i)
-
-
-# -- compatibility ---------------------------------------------------------------------------------
-def _listing(names: list[str], limit: int = 10) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
-def _classifier_prefixes(model: nn.Module) -> list[str]:
-    """Module names of the model's classifier(s): ``get_classifier()`` and DeiT's ``head_dist``."""
-    prefixes = []
-    if hasattr(model, "get_classifier"):
-        fc = model.get_classifier()
-        prefixes += [n for n, m in model.named_modules() if m is fc and n]
-    prefixes += [n for n in ("head.fc", "head_dist", "head", "fc", "classifier") if n not in prefixes
-                 and isinstance(getattr(model, n.split(".")[0], None), nn.Module)]
-    return prefixes or ["head.fc"]
-
-
-def check_compatible(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
-                     metadata: Mapping[str, str] | None = None) -> None:
-    """Raise :class:`CheckpointError` unless ``state_dict`` loads strictly into ``model``.
-
-    Checked: the architecture (``metadata["architecture"]`` against
-    ``model.pretrained_cfg["architecture"]`` when both are set), missing and unexpected
-    keys, and shapes. The message lists every kind of problem (the first 10 names of each,
-    with counts) and, when the classifier differs, the class counts of both.
-    """
-    model = unwrap_model(model)
-    problems = []
-    ckpt_arch = (metadata or {}).get("architecture")
-    model_arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    if ckpt_arch and model_arch and ckpt_arch != model_arch:
-        problems.append(f"architecture: the checkpoint is for {ckpt_arch!r}, the model is {model_arch!r}")
-
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
-    if missing:
-        problems.append(f"{len(missing)} missing key(s) (in the model, not in the checkpoint): {_listing(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s) (in the checkpoint, not in the model): "
-                        f"{_listing(unexpected)}")
-        for prefix in ("module.", "_orig_mod."):
-            if all(k.startswith(prefix) for k in unexpected) and missing:
-                problems.append(f"the checkpoint's keys start with {prefix!r} (saved from a wrapped model); "
-                                f"strip that prefix, or save the unwrapped model's state_dict()")
-    if mismatched:
-        shown = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}" for k in mismatched]
-        problems.append(f"{len(mismatched)} shape mismatch(es) (checkpoint vs model): {_listing(shown)}")
-
-    for prefix in _classifier_prefixes(model):
-        key = f"{prefix}.weight"
-        ours, theirs = expected.get(key), state_dict.get(key)
-        if ours is not None and theirs is not None and ours.shape[:1] != theirs.shape[:1]:
-            problems.append(f"classifier {key}: the checkpoint has {theirs.shape[0]} classes, the model "
-                            f"{ours.shape[0]}; build the model with num_classes={theirs.shape[0]}, or drop the "
-                            f"checkpoint's {prefix}.* entries and load with strict=False to fine-tune a new head")
-        elif ours is None and theirs is not None and theirs.ndim >= 1:
-            problems.append(f"classifier {key}: the checkpoint has {theirs.shape[0]} classes, the model has no "
-                            f"classifier (num_classes=0)")
-        elif ours is not None and theirs is None and key in missing:
-            problems.append(f"classifier {key}: the checkpoint has no classifier, the model has {ours.shape[0]} "
-                            f"classes (build it with num_classes=0, or load with strict=False)")
-
-    if problems:
-        name = model_arch or type(model).__name__
-        raise CheckpointError(f"the checkpoint does not fit the model ({name}):\n  - " + "\n  - ".join(problems))
 
 
 # -- a directory of checkpoints --------------------------------------------------------------------

@@ -25,31 +25,11 @@ from typing import Mapping
 
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-__all__ = ["ModelEma", "unwrap_model"]
+from ..models.base import unwrap_model
 
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model inside any wrappers.
-
-    Removes, repeatedly and in any order: ``torch.compile`` (``_orig_mod``),
-    :class:`~torch.nn.parallel.DistributedDataParallel` / :class:`~torch.nn.DataParallel`
-    (``.module``), and any other holder whose only child is called ``module`` and which has
-    no parameters of its own.
-    """
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module):
-            model = inner
-        elif isinstance(model, (DistributedDataParallel, DataParallel)):
-            model = model.module
-        elif ([name for name, _ in model.named_children()] == ["module"]
-              and next(model.parameters(recurse=False), None) is None):
-            model = model.module
-        else:
-            return model
+__all__ = ["ModelEma"]
 
 
 class _EmaAverage:

@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from .ema import unwrap_model
+from ..models.base import unwrap_model
 
 __all__ = ["layer_ids", "param_groups", "build_optimizer", "Lamb", "OPTIMIZERS"]
 

@@ -17,8 +17,30 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from ..layers.helpers import to_2tuple
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside any wrappers.
+
+    Removes, repeatedly and in any order: ``torch.compile`` (``_orig_mod``),
+    :class:`~torch.nn.parallel.DistributedDataParallel` / :class:`~torch.nn.DataParallel`
+    (``.module``), and any other holder whose only child is called ``module`` and which has
+    no parameters of its own (an EMA's averaged copy).
+    """
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif ([name for name, _ in model.named_children()] == ["module"]
+              and next(model.parameters(recurse=False), None) is None):
+            model = model.module
+        else:
+            return model
 
 
 def build(cls, defaults: dict, overrides: dict) -> nn.Module:

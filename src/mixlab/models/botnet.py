@@ -20,10 +20,9 @@ import torch.nn as nn
 
 from ..layers import ClassifierHead, ResNetStem, stochastic_depth_rates, to_2tuple
 from ..mixers.bot import BottleneckAttention
-from ..registry import register_model
+from ..registry import register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build
 from .resnet import Bottleneck, _ResidualConvBlock
-from .spec import register_spec_mixer
 
 __all__ = ["BoTBlock", "BoTNet", "SmallStem", "botnet50", "nano_botnet"]
 

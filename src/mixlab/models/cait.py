@@ -41,8 +41,7 @@ import torch.nn as nn
 
 from ..layers import AbsolutePosEmbed, ClassifierHead, DropPath, LayerScale, Mlp, PatchEmbed, to_2tuple
 from ..mixers.talking_heads import ClassAttention, TalkingHeadsAttention
-from ..registry import register_model
-from ..weights.convert import register_layout
+from ..registry import register_layout, register_model
 from .base import MixlabModel, block_token_maps, build, init_weights_vit, patch_grid
 from .blocks import MetaBlock
 

@@ -33,10 +33,9 @@ import torch.nn as nn
 
 from ..layers import ClassifierHead, stochastic_depth_rates
 from ..mixers.lewin import LEWinAttention
-from ..registry import register_model
+from ..registry import register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build, init_weights_vit
 from .blocks import MetaBlock
-from .spec import register_spec_mixer
 
 BLOCKS = ("mbconv", "fused")
 

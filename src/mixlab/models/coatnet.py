@@ -46,11 +46,9 @@ import torch.nn as nn
 
 from ..layers import ClassifierHead, DropPath, Mlp, stochastic_depth_rates, to_2tuple
 from ..mixers.rel_attention import RelativeAttention
-from ..registry import register_model
-from ..weights.convert import register_layout
+from ..registry import register_layout, register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build, init_weights_vit
 from .blocks import MetaBlock
-from .spec import register_spec_mixer
 
 __all__ = ["CoAtNet", "MBConvBlock", "RelAttnBlock", "SqueezeExcite", "TIMM_RULES"]
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..layers import BatchNormNHWC, ClassifierHead, ConditionalPosEnc, ConvEmbed, PatchEmbed, stochastic_depth_rates
 from ..mixers import ContainerMixer
-from ..registry import register_model
+from ..registry import register_layout, register_model
 from .base import HierarchicalModel, Stage, build, init_weights_vit
 from .blocks import MetaBlock
 
@@ -98,3 +98,29 @@ def container_pam(**kwargs):
     """Container-PAM: attention mixed with a dense learned static affinity in all stages."""
     return build(Container, dict(depths=(2, 3, 8, 3), dims=(128, 256, 320, 512),
                                  stage_types=(_MIXED_DENSE,) * 4, mix="free"), kwargs)
+
+
+# -- checkpoints: allenai/container's names ---------------------------------------------------------------
+def _cblock(m) -> str:
+    """mixlab's name of the authors' block ``blocks{s}.{j}`` (stages counted from 1)."""
+    return f"stages.{int(m[1]) - 1}.blocks.{m[2]}"
+
+
+AUTHORS_RULES = [
+    (r"^patch_embed1\.(proj|norm)\.(.+)$", r"stem.\1.\2"),
+    (r"^patch_embed([2-4])\.proj\.(.+)$", lambda m: f"stages.{int(m[1]) - 1}.downsample.proj.{m[2]}"),
+    (r"^patch_embed([2-4])\.norm\.(.+)$", lambda m: f"stages.{int(m[1]) - 1}.downsample.post_norm.{m[2]}"),
+    (r"^blocks([1-4])\.(\d+)\.pos_embed\.(.+)$", lambda m: f"{_cblock(m)}.pos.proj.{m[3]}"),
+    (r"^blocks([1-4])\.(\d+)\.conv1\.(.+)$", lambda m: f"{_cblock(m)}.mixer.qkv.{m[3]}"),
+    (r"^blocks([1-4])\.(\d+)\.conv2\.(.+)$", lambda m: f"{_cblock(m)}.mixer.proj.{m[3]}"),
+    # the depthwise convolution: `attn` in the static-only block, `conv` in the mixed one
+    (r"^blocks([1-4])\.(\d+)\.(?:attn|conv)\.(weight|bias)$", lambda m: f"{_cblock(m)}.mixer.conv.{m[3]}"),
+    (r"^blocks([1-4])\.(\d+)\.sa_weight$", lambda m: f"{_cblock(m)}.mixer.sa_weight"),
+    (r"^blocks([1-4])\.(\d+)\.(.+)$", lambda m: f"{_cblock(m)}.{m[3]}"),
+    (r"^head\.(weight|bias)$", r"head.fc.\1"),
+]
+
+# container_v1_light -> container_light (the same layout converts into container); container_pam's dense
+# static affinity has no released checkpoint
+register_layout("authors-container", "container", [r"^patch_embed[1-4]\.", r"^blocks[1-4]\.\d+\."], AUTHORS_RULES,
+                model_class=Container, broad=True)

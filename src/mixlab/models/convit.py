@@ -35,8 +35,7 @@ import torch.nn as nn
 from ..layers import AbsolutePosEmbed, ClassifierHead, PatchEmbed, stochastic_depth_rates, to_2tuple
 from ..mixers import Attention
 from ..mixers.gpsa import GatedPositionalAttention
-from ..registry import register_model
-from ..weights.convert import register_layout
+from ..registry import register_layout, register_model
 from .base import MixlabModel, build, init_weights_vit, patch_grid
 from .blocks import MetaBlock
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..layers import ClassifierHead, ConvEmbed, DropPath, LayerScale, Mlp, PatchEmbed, stochastic_depth_rates
 from ..mixers import DepthwiseConv
-from ..registry import register_model
+from ..registry import IMAGENET_MEAN_STD, register_default_weights, register_layout, register_model
 from .base import HierarchicalModel, Stage, build, init_weights_vit
 
 
@@ -73,3 +73,36 @@ def convnext_small(**kwargs):
 def convnext_base(**kwargs):
     """ConvNeXt-B (88.6M, 15.4 GMACs)."""
     return build(ConvNeXt, dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)), kwargs)
+
+
+# -- checkpoints: timm's and facebookresearch/ConvNeXt's names, default weights --------------------------------
+TIMM_RULES = [
+    (r"^stem\.0\.(.+)$", r"stem.proj.\1"),
+    (r"^stem\.1\.(.+)$", r"stem.norm.\1"),
+    (r"^stages\.(\d+)\.downsample\.0\.(.+)$", r"stages.\1.downsample.pre_norm.\2"),
+    (r"^stages\.(\d+)\.downsample\.1\.(.+)$", r"stages.\1.downsample.proj.\2"),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.(.+)$", r"stages.\1.blocks.\2.mixer.conv.\3"),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.gamma$", r"stages.\1.blocks.\2.ls.gamma"),
+]
+
+AUTHORS_RULES = [
+    (r"^downsample_layers\.0\.0\.(.+)$", r"stem.proj.\1"),
+    (r"^downsample_layers\.0\.1\.(.+)$", r"stem.norm.\1"),
+    (r"^downsample_layers\.(\d+)\.0\.(.+)$", r"stages.\1.downsample.pre_norm.\2"),
+    (r"^downsample_layers\.(\d+)\.1\.(.+)$", r"stages.\1.downsample.proj.\2"),
+    (r"^stages\.(\d+)\.(\d+)\.dwconv\.(.+)$", r"stages.\1.blocks.\2.mixer.conv.\3"),
+    (r"^stages\.(\d+)\.(\d+)\.pwconv1\.(.+)$", r"stages.\1.blocks.\2.mlp.fc1.\3"),
+    (r"^stages\.(\d+)\.(\d+)\.pwconv2\.(.+)$", r"stages.\1.blocks.\2.mlp.fc2.\3"),
+    (r"^stages\.(\d+)\.(\d+)\.gamma$", r"stages.\1.blocks.\2.ls.gamma"),
+    (r"^stages\.(\d+)\.(\d+)\.norm\.(.+)$", r"stages.\1.blocks.\2.norm.\3"),
+    (r"^norm\.(.+)$", r"head.norm.\1"),
+    (r"^head\.(weight|bias)$", r"head.fc.\1"),
+]
+
+register_layout("authors-convnext", "convnext",
+                [r"^downsample_layers\.\d+\.", r"^stages\.\d+\.\d+\.(dwconv|pwconv1|pwconv2)\."], AUTHORS_RULES,
+                model_class=ConvNeXt, broad=True)
+register_layout("timm", "convnext", [r"^stages\.\d+\.blocks\.\d+\.conv_dw\.", r"^stem\.0\.weight$"], TIMM_RULES,
+                model_class=ConvNeXt, broad=True)
+for _size in ("tiny", "small", "base"):
+    register_default_weights(f"convnext_{_size}", f"hf-hub:timm/convnext_{_size}.fb_in1k", **IMAGENET_MEAN_STD)

@@ -39,11 +39,9 @@ import torch.nn as nn
 
 from ..layers import ClassifierHead, ConvEmbed
 from ..mixers.conv_attention import ConvAttention
-from ..registry import register_model
-from ..weights.convert import register_layout
+from ..registry import register_layout, register_model, register_spec_mixer
 from .base import MixlabModel, build, init_weights_vit
 from .blocks import MetaBlock
-from .spec import register_spec_mixer
 
 __all__ = ["CvT", "CvTBlock", "CvTStage", "QuickGELU", "AUTHORS_RULES"]
 

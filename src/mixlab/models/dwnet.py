@@ -35,10 +35,8 @@ from ..layers.fuse import fuse_conv_bn
 from ..mixers import DepthwiseConv
 from ..mixers.base import Mixer, flatten_tokens
 from ..mixers.dynamic_conv import DynamicDepthwiseConv
-from ..registry import register_model
-from ..weights.convert import register_layout
+from ..registry import register_layout, register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build, init_weights_vit
-from .spec import register_spec_mixer
 
 
 def _bn_scale_shift(bn: nn.BatchNorm2d):

@@ -43,11 +43,10 @@ import torch.nn.functional as F
 from ..layers import ClassifierHead, DropPath, LayerScale, stochastic_depth_rates, to_2tuple
 from ..mixers import Mixer, Pooling, flatten_tokens
 from ..mixers.base import token_grid
-from ..registry import register_model
-from ..weights.convert import register_layout
+from ..registry import (IMAGENET_MEAN_STD, register_default_weights, register_layout, register_model,
+                        register_spec_mixer)
 from .base import HierarchicalModel, Stage, build, init_weights_vit
 from .blocks import MetaBlock
-from .spec import register_spec_mixer
 
 __all__ = ["EfficientFormer", "Meta4DBlock", "OffsetBiasAttention", "TokenSwitch", "resample_offset_bias",
            "TIMM_RULES"]
@@ -344,3 +343,4 @@ def _spec_meta3d(stage: dict, width: int, grid, mlp_ratio: float, drop_path: flo
 register_spec_mixer("meta4d", {"pool": 3}, "EfficientFormer 4D block (pooling, BN conv-MLP)", _spec_meta4d)
 register_spec_mixer("meta3d", {"heads": 8, "key_dim": 32, "attn_ratio": 4},
                     "EfficientFormer 3D block (attention with offset biases)", _spec_meta3d)
+register_default_weights("efficientformer_l1", "hf-hub:timm/efficientformer_l1.snap_dist_in1k", **IMAGENET_MEAN_STD)

@@ -37,10 +37,8 @@ import torch.nn as nn
 from ..layers import (AbsolutePosEmbed, ClassifierHead, ConvEmbed, DropPath, LayerScale, Mlp, PatchEmbed,
                       stochastic_depth_rates)
 from ..mixers.global_filter import GlobalFilter
-from ..registry import register_model
-from ..weights.convert import register_layout
+from ..registry import register_layout, register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build, init_weights_vit, patch_grid
-from .spec import register_spec_mixer
 
 __all__ = ["GFNet", "GFNetBlock"]
 

@@ -10,10 +10,9 @@ import torch.nn as nn
 
 from ..layers import ClassifierHead, DropPath, PatchEmbed
 from ..mixers.token_mlp import SpatialGatingMLP
-from ..registry import register_model
-from ..weights.convert import register_layout
+from ..registry import (INCEPTION_MEAN_STD, register_default_weights, register_layout, register_model,
+                        register_spec_mixer)
 from .base import HierarchicalModel, Stage, build, init_weights_mixer, patch_grid
-from .spec import register_spec_mixer
 
 
 class GMLPBlock(nn.Module):
@@ -87,3 +86,4 @@ def _spec_block(st, width, grid, ratio, drop_path, index, drop):
 
 
 register_spec_mixer("gmlp", {}, "gMLP spatial gating unit", _spec_block)
+register_default_weights("gmlp_s16_224", "hf-hub:timm/gmlp_s16_224.ra3_in1k", **INCEPTION_MEAN_STD)

@@ -22,10 +22,9 @@ import torch.nn as nn
 
 from ..layers import ClassifierHead, stochastic_depth_rates
 from ..mixers.local_relation import LocalRelation
-from ..registry import register_model
+from ..registry import register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build
 from .resnet import _ResidualConvBlock
-from .spec import register_spec_mixer
 
 __all__ = ["LRBlock", "LRStem", "LRNet", "lrnet_50", "nano_lrnet"]
 

@@ -2,13 +2,15 @@
 mixer — a static, dense affinity — on an isotropic grid of patch tokens."""
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch.nn as nn
 
 from ..layers import ClassifierHead, Mlp, PatchEmbed, stochastic_depth_rates
 from ..mixers import TokenMixingMLP
-from ..registry import register_model
+from ..registry import (INCEPTION_MEAN_STD, register_architecture_kwargs, register_default_weights, register_layout,
+                        register_model)
 from .base import HierarchicalModel, Stage, build, init_weights_mixer, patch_grid
 from .blocks import MetaBlock
 
@@ -48,3 +50,31 @@ def mixer_s16_224(**kwargs):
 def mixer_b16_224(**kwargs):
     """Mixer-B/16 (59.9M, 12.6 GMACs)."""
     return build(MlpMixer, dict(patch_size=16, embed_dim=768, depth=12), kwargs)
+
+
+# -- checkpoints: timm's names, the input size they were made for, default weights ------------------------------
+TIMM_RULES = [
+    (r"^blocks\.(\d+)\.mlp_tokens\.(.+)$", r"stages.0.blocks.\1.mixer.\2"),
+    (r"^blocks\.(\d+)\.mlp_channels\.(.+)$", r"stages.0.blocks.\1.mlp.\2"),
+    (r"^blocks\.(\d+)\.(.+)$", r"stages.0.blocks.\1.\2"),
+    (r"^head\.(weight|bias)$", r"head.fc.\1"),
+]
+
+
+def _architecture_kwargs(sd: dict, fmt: str, model: MlpMixer) -> dict:
+    """``img_size`` of a checkpoint whose token MLP is for another grid (it cannot be resampled)."""
+    fc1 = next((sd[k] for k in ("stages.0.blocks.0.mixer.fc1.weight", "blocks.0.mlp_tokens.fc1.weight") if k in sd),
+               None)
+    proj = sd.get("stem.proj.weight")
+    if fc1 is not None and proj is not None:
+        side = math.isqrt(fc1.shape[1])
+        if side * side == fc1.shape[1]:
+            img = side * proj.shape[-1]
+            if (img, img) != tuple(model.img_size):
+                return {"img_size": img}
+    return {}
+
+
+register_layout("timm", "mlp_mixer", [r"^blocks\.\d+\.mlp_tokens\."], TIMM_RULES, model_class=MlpMixer, broad=True)
+register_architecture_kwargs("mlp_mixer", _architecture_kwargs)
+register_default_weights("mixer_b16_224", "hf-hub:timm/mixer_b16_224.goog_in21k_ft_in1k", **INCEPTION_MEAN_STD)

@@ -2,13 +2,15 @@
 generic block with the plainest possible mixer, ``avgpool(x) - x``."""
 from __future__ import annotations
 
+import re
 from functools import partial
 
 import torch.nn as nn
 
 from ..layers import ClassifierHead, ConvEmbed, GroupNorm1NHWC, OverlapPatchEmbed, stochastic_depth_rates
 from ..mixers import Pooling
-from ..registry import register_model
+from ..registry import (IMAGENET_MEAN_STD, register_architecture_kwargs, register_default_weights, register_layout,
+                        register_model)
 from .base import HierarchicalModel, Stage, build, init_weights_vit
 from .blocks import MetaBlock
 
@@ -85,3 +87,66 @@ def poolformer_m36(**kwargs):
 def poolformer_m48(**kwargs):
     """PoolFormer-M48 (73.5M, 11.5 GMACs)."""
     return _poolformer((8, 8, 24, 8), _M, 1e-6, kwargs)
+
+
+# -- checkpoints: timm's and sail-sg/poolformer's names, timm's head, default weights ----------------------------
+# the final norm's weights go to whichever place the model has: head.norm (the 'pooled'
+# PoolFormer, timm's) or norm (the 'group' PoolFormer, the authors'); timm's pretrained
+# PoolFormer weights are the authors', so either placement is a trained network
+TIMM_RULES = [
+    (r"^stem\.conv\.(.+)$", r"stem.proj.\1"),
+    (r"^stages\.(\d+)\.downsample\.conv\.(.+)$", r"stages.\1.downsample.proj.\2"),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.layer_scale([12])\.scale$", r"stages.\1.blocks.\2.ls\3.gamma"),
+    (r"^head\.norm\.(.+)$", (r"head.norm.\1", r"norm.\1")),
+]
+
+
+def _authors_rules(keys: list[str]) -> list:
+    """The authors' ``network`` interleaves stages and downsamplings (PatchEmbed, with a ``proj``
+    convolution); a downsampling opens the next stage."""
+    idx = sorted({int(m[1]) for k in keys if (m := re.match(r"^network\.(\d+)\.", k))})
+    down = {i for i in idx if any(re.match(rf"^network\.{i}\.proj\.", k) for k in keys)}
+    where, stage = {}, 0
+    for i in idx:  # a stage's index, or for a downsampling the stage it opens
+        where[i] = stage
+        stage += i not in down
+
+    def block(m, rest: str):
+        i = int(m[1])
+        return None if i in down else f"stages.{where[i]}.blocks.{m[2]}.{rest}"
+
+    return [
+        (r"^patch_embed\.proj\.(.+)$", r"stem.proj.\1"),
+        (r"^network\.(\d+)\.proj\.(.+)$",
+         lambda m: f"stages.{where[int(m[1])]}.downsample.proj.{m[2]}" if int(m[1]) in down else None),
+        (r"^network\.(\d+)\.(\d+)\.layer_scale_([12])$", lambda m: block(m, f"ls{m[3]}.gamma")),
+        (r"^network\.(\d+)\.(\d+)\.(.+)$", lambda m: block(m, m[3])),
+        (r"^norm\.(.+)$", (r"norm.\1", r"head.norm.\1")),
+        (r"^head\.(weight|bias)$", r"head.fc.\1"),
+    ]
+
+
+def _timm_head_warning(sd: dict, target: dict) -> str | None:
+    if "head.norm.weight" in sd and "head.norm.weight" not in target:
+        return ("this is timm's PoolFormer checkpoint, which normalises after pooling; the model normalises "
+                "the feature map before pooling (head_norm='group', the authors' network), so its outputs "
+                "will differ from timm's: build it with head_norm='pooled' to reproduce them "
+                "(create_model(..., pretrained=...) does so itself)")
+    return None
+
+
+def _architecture_kwargs(sd: dict, fmt: str, model: PoolFormer) -> dict:
+    """timm's checkpoints (and mixlab's of that variant) need timm's head: ``head_norm='pooled'``."""
+    if fmt == "timm" or (fmt == "mixlab" and "head.norm.weight" in sd and "norm.weight" not in sd):
+        return {"head_norm": "pooled"}
+    return {}
+
+
+register_layout("authors-poolformer", "poolformer", [r"^network\.\d+\."], _authors_rules, model_class=PoolFormer,
+                broad=True)
+register_layout("timm", "poolformer",
+                [r"\.layer_scale[12]\.scale$", r"^stages\.\d+\.downsample\.conv\.", r"^stem\.conv\.weight$"],
+                TIMM_RULES, model_class=PoolFormer, broad=True, warning=_timm_head_warning)
+register_architecture_kwargs("poolformer", _architecture_kwargs)
+for _name in ("poolformer_s12", "poolformer_s24", "poolformer_s36", "poolformer_m36", "poolformer_m48"):
+    register_default_weights(_name, f"hf-hub:timm/{_name}.sail_in1k", **IMAGENET_MEAN_STD)

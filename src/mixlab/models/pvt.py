@@ -48,11 +48,9 @@ import torch.nn as nn
 
 from ..layers import AbsolutePosEmbed, ClassifierHead, PatchEmbed, stochastic_depth_rates
 from ..mixers.sra import SpatialReductionAttention
-from ..registry import register_model
-from ..weights.convert import register_layout
+from ..registry import register_layout, register_model, register_spec_mixer
 from .base import MixlabModel, build, init_weights_vit, patch_grid
 from .blocks import MetaBlock
-from .spec import register_spec_mixer
 
 __all__ = ["PVT", "PVTPatchEmbed", "PVTStage", "AUTHORS_RULES"]
 

@@ -35,10 +35,8 @@ import torch.nn.functional as F
 
 from ..layers import BatchNormNHWC, ClassifierHead, DropPath, stochastic_depth_rates
 from ..mixers.base import Mixer, conv_toeplitz, flatten_tokens
-from ..registry import register_model
-from ..weights.convert import register_layout
+from ..registry import register_layout, register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build
-from .spec import register_spec_mixer
 
 
 def conv_bn(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1,

@@ -8,11 +8,10 @@ import torch.nn as nn
 
 from ..layers import Affine, ClassifierHead, Mlp, PatchEmbed
 from ..mixers.token_mlp import TokenLinear, TokenProjection
-from ..registry import register_model
-from ..weights.convert import register_layout
+from ..registry import (IMAGENET_MEAN_STD, register_default_weights, register_layout, register_model,
+                        register_spec_mixer)
 from .base import HierarchicalModel, Stage, build, patch_grid
 from .blocks import MetaBlock
-from .spec import register_spec_mixer
 
 
 class ResMLPAffine(Affine):
@@ -90,3 +89,5 @@ def _spec_block(st, width, grid, ratio, drop_path, index, drop):
 
 
 register_spec_mixer("resmlp", {"layer_scale": 0.1}, "ResMLP linear token mixing", _spec_block)
+for _name in ("resmlp_12_224", "resmlp_24_224"):
+    register_default_weights(_name, f"hf-hub:timm/{_name}.fb_in1k", **IMAGENET_MEAN_STD)

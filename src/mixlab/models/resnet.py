@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..layers import ClassifierHead, DropPath, ResNetStem, stochastic_depth_rates
 from ..layers.context import context_spec
-from ..registry import register_model
+from ..registry import IMAGENET_MEAN_STD, register_default_weights, register_layout, register_model
 from .base import HierarchicalModel, Stage, build
 
 
@@ -154,3 +154,16 @@ class ResNet(HierarchicalModel):
 def resnet50(**kwargs):
     """ResNet-50 (25.6M, 4.1 GMACs)."""
     return build(ResNet, dict(depths=(3, 4, 6, 3)), kwargs)
+
+
+# -- checkpoints: timm's names, default weights --------------------------------------------------------------
+TIMM_RULES = [
+    (r"^conv1\.(.+)$", r"stem.conv.\1"),
+    (r"^bn1\.(.+)$", r"stem.bn.\1"),
+    (r"^layer(\d+)\.(\d+)\.(.+)$", lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}.{m[3]}"),
+    (r"^fc\.(.+)$", r"head.fc.\1"),
+]
+
+register_layout("timm", "resnet", [r"^layer[1-4]\.\d+\.", r"^conv1\.weight$"], TIMM_RULES, model_class=ResNet,
+                broad=True, mixlab_patterns=[r"^stem\.bn\.", r"^stages\.\d+\.blocks\.\d+\.(conv|bn)[123]\."])
+register_default_weights("resnet50", "hf-hub:timm/resnet50.a1_in1k", **IMAGENET_MEAN_STD)

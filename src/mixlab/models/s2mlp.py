@@ -15,10 +15,9 @@ import torch.nn as nn
 
 from ..layers import ClassifierHead, ConvEmbed, PatchEmbed, stochastic_depth_rates
 from ..mixers.shift import SplitShiftMixer
-from ..registry import register_model
+from ..registry import register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build, init_weights_vit
 from .blocks import MetaBlock
-from .spec import register_spec_mixer
 
 
 class S2MLPv2(HierarchicalModel):

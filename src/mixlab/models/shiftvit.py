@@ -15,9 +15,8 @@ import torch.nn as nn
 from ..layers import (BatchNormNHWC, ClassifierHead, ConvEmbed, DropPath, GroupNorm1NHWC, Mlp, PatchEmbed,
                       stochastic_depth_rates)
 from ..mixers.shift import PartialShift
-from ..registry import register_model
+from ..registry import register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build
-from .spec import register_spec_mixer
 
 NORMS = {"bn": BatchNormNHWC, "gn1": GroupNorm1NHWC}
 

@@ -34,8 +34,9 @@ basic          ResNet-18's block: two dense 3x3 convolutions, BatchNorm, ReLU
 bottleneck     ResNet-50's block: 1x1, dense 3x3, 1x1 (width/4 inside), BatchNorm
 =============  ==================================================================  =========
 
-Other families add their mixers with :func:`register_spec_mixer` (``MIXERS`` lists every
-one, with its options and defaults). Every stage also takes ``mlp_ratio``, ``downsample``, ``pos`` and
+These ten are registered below, the other families' from their model files, all with
+:func:`mixlab.registry.register_spec_mixer` (:data:`mixlab.registry.MIXERS` lists every one, with
+its options and defaults). Every stage also takes ``mlp_ratio``, ``downsample``, ``pos`` and
 ``context``. A stage after the first
 halves the resolution by ``downsample``: ``conv`` (LayerNorm + 2x2 stride-2 convolution,
 ConvNeXt's way; the default), ``merge`` (Swin's patch merging), ``stride`` (ResNet's way: the
@@ -63,6 +64,7 @@ import yaml
 from ..layers import (AbsolutePosEmbed, BatchNormNHWC, ClassifierHead, ConditionalPosEnc, ConvEmbed, ConvStem,
                       GroupNorm1NHWC, Mlp, PatchEmbed, PatchMerging, stochastic_depth_rates, to_2tuple)
 from ..mixers import Attention, ContainerMixer, DepthwiseConv, Pooling, TokenMixingMLP, WindowAttention
+from ..registry import MIXERS, register_spec_mixer
 from .base import HierarchicalModel, Stage, init_weights_vit
 from .blocks import MetaBlock
 from .convnext import ConvNeXtBlock
@@ -72,39 +74,6 @@ from .resnet import BasicBlock, Bottleneck
 class SpecError(ValueError):
     """A specification that cannot be built; the message says where and what would be right."""
 
-
-# mixer name -> (allowed options with defaults, description used in `mixlab info`)
-MIXERS = {
-    "attention": ({"heads": 4}, "attention (global)"),
-    "window": ({"heads": 4, "window": 7}, "window attention (shifted)"),
-    "dwconv": ({"kernel": 7}, "depthwise conv"),
-    "convnext": ({"kernel": 7}, "ConvNeXt block (depthwise conv)"),
-    "pool": ({"pool": 3}, "pooling"),
-    "mlp": ({"tokens_ratio": 0.5}, "token-mixing MLP"),
-    "container": ({"heads": 4, "kernel": 5}, "container: α·attention + β·dwconv"),
-    "conv_static": ({"kernel": 5}, "container static: dwconv"),
-    "basic": ({}, "ResNet basic block (dense 3x3 convs)"),
-    "bottleneck": ({}, "ResNet bottleneck (dense 3x3 conv)"),
-}
-RESNET_MIXERS = ("basic", "bottleneck")
-# mixer name -> block factory, for mixers that families register from their own modules
-SPEC_BLOCKS: dict = {}
-
-
-def register_spec_mixer(name: str, options: dict, description: str, block) -> None:
-    """Make a mixer available to specifications (and so to nano models and the arena).
-
-    ``options``: the stage options it takes, with their defaults; ``description``: the text
-    ``mixlab info`` shows; ``block(stage, width, grid, mlp_ratio, drop_path, index, drop)``
-    returns one block of the stage (``index``: its position in the stage; ``grid``: the
-    (H, W) feature map it will see at the model's ``img_size``). A block maps a
-    channels-last (B, H, W, C) map to one of the same shape. The stage's downsampling and
-    position encoding are the specification's, as for every mixer.
-    """
-    if name in MIXERS:
-        raise ValueError(f"spec mixer {name!r} is already registered")
-    MIXERS[name] = (dict(options), description)
-    SPEC_BLOCKS[name] = block
 
 STAGE_KEYS = {"mixer", "depth", "width", "downsample", "mlp_ratio", "pos", "context", "context_placement"}
 CONTEXT_PLACEMENTS = ("stage", "block")
@@ -185,7 +154,7 @@ def _check_stage(i: int, st: dict) -> dict:
     mixer = st.get("mixer")
     if mixer not in MIXERS:
         raise SpecError(f"stage {i}: unknown mixer {mixer!r}; mixers: {', '.join(MIXERS)}")
-    opts, _ = MIXERS[mixer]
+    opts, resnet = MIXERS[mixer].options, MIXERS[mixer].strided
     unknown = set(st) - STAGE_KEYS - set(opts)
     if unknown:
         raise SpecError(f"stage {i} ({mixer}): unknown option(s) {sorted(unknown)}; this mixer takes "
@@ -193,15 +162,14 @@ def _check_stage(i: int, st: dict) -> dict:
     for key in ("depth", "width"):
         if not isinstance(st.get(key), int) or st[key] < 1:
             raise SpecError(f"stage {i} ({mixer}): {key} must be a positive integer, got {st.get(key)!r}")
-    resnet = mixer in RESNET_MIXERS
     down = st.get("downsample", "stride" if resnet else "conv")
     allowed = ("stride", "none") if resnet else ("conv", "merge", "none")
     if down not in allowed:
         raise SpecError(f"stage {i} ({mixer}): downsample {down!r} is not one of {', '.join(allowed)}"
                         + (" (ResNet blocks downsample inside their first block)" if resnet else ""))
-    if mixer == "bottleneck" and st["width"] % 4:
-        raise SpecError(f"stage {i} (bottleneck): width {st['width']} must be divisible by 4 (the block is width/4 "
-                        f"wide inside)")
+    problem = MIXERS[mixer].check(st) if MIXERS[mixer].check is not None else None
+    if problem:
+        raise SpecError(f"stage {i} ({mixer}): {problem}")
     pos = st.get("pos", "none")
     if pos not in POS:
         raise SpecError(f"stage {i} ({mixer}): pos {pos!r} is not one of {', '.join(POS)}")
@@ -282,7 +250,7 @@ class SpecNet(HierarchicalModel):
                 else:
                     down, grid = ConvEmbed(prev, w, 2, 2, pre_norm=ln), (grid[0] // 2, grid[1] // 2)
                 reduction = reduction * 2 if st["downsample"] != "none" else reduction
-            if st["mixer"] in RESNET_MIXERS:
+            if MIXERS[st["mixer"]].strided:
                 block_in = prev if i > 0 else width0
             if st["pos"] != "none":
                 pos = _GridAbsPos(grid, w) if st["pos"] == "abs" else ConditionalPosEnc(w, 3)
@@ -316,8 +284,8 @@ class SpecNet(HierarchicalModel):
 
     @staticmethod
     def _describe(st: dict) -> str:
-        desc = MIXERS[st["mixer"]][1]
-        extra = {k: st[k] for k in MIXERS[st["mixer"]][0]}
+        desc = MIXERS[st["mixer"]].description
+        extra = {k: st[k] for k in MIXERS[st["mixer"]].options}
         if st["pos"] != "none":
             extra["pos"] = st["pos"]
         if st["context"] != "none":
@@ -327,40 +295,10 @@ class SpecNet(HierarchicalModel):
     @staticmethod
     def _block(st: dict, w: int, grid, ratio: float, dp: float, j: int, drop: float, in_chs: int,
                stride: int, context=None) -> nn.Module:
-        m = st["mixer"]
-        ln = partial(nn.LayerNorm, eps=1e-6)
-        if m in SPEC_BLOCKS:
-            return SPEC_BLOCKS[m](st, w, grid, ratio, dp, j, drop)
-        if m in RESNET_MIXERS:
-            block = (BasicBlock(in_chs, w, stride, dp, context) if m == "basic"
-                     else Bottleneck(in_chs, w // Bottleneck.expansion, stride, dp, context))
-            own = {id(mod) for mod in block.context.modules()} if block.context is not None else set()
-            for mod in block.modules():
-                if isinstance(mod, nn.Conv2d) and id(mod) not in own:  # a context module keeps its init
-                    nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
-            return block
-        if m == "convnext":
-            return ConvNeXtBlock(w, st["kernel"], mlp_ratio=ratio, layer_scale=None, drop_path=dp)
-        if m == "attention":
-            mixer = Attention(w, st["heads"], proj_drop=drop)
-        elif m == "window":
-            win = st["window"]
-            mixer = WindowAttention(w, st["heads"], win, 0 if j % 2 == 0 else win // 2, proj_drop=drop)
-        elif m == "dwconv":
-            mixer = DepthwiseConv(w, st["kernel"])
-        elif m == "pool":
-            return MetaBlock(w, Pooling(st["pool"]), mlp_ratio=ratio, norm_layer=GroupNorm1NHWC, drop=drop,
-                             drop_path=dp, layer_scale=1e-5)
-        elif m == "mlp":
-            n = grid[0] * grid[1]
-            return MetaBlock(w, TokenMixingMLP(n, max(1, int(st["tokens_ratio"] * w)), grid, drop=drop),
-                             mlp=Mlp(w, int(ratio * w), drop=drop), norm_layer=ln, drop_path=dp)
-        else:  # container, conv_static
-            mixer = ContainerMixer(w, st.get("heads", 1), dynamic=m == "container", static="conv",
-                                   kernel_size=st["kernel"], proj_drop=drop)
-            return MetaBlock(w, mixer, mlp_ratio=ratio, norm_layer=BatchNormNHWC, drop=drop, drop_path=dp,
-                             pos=ConditionalPosEnc(w, 3))
-        return MetaBlock(w, mixer, mlp_ratio=ratio, norm_layer=ln, drop=drop, drop_path=dp)
+        mixer = MIXERS[st["mixer"]]
+        if mixer.strided:
+            return mixer.block(st, w, grid, ratio, dp, j, drop, in_chs=in_chs, stride=stride, context=context)
+        return mixer.block(st, w, grid, ratio, dp, j, drop)
 
 
 class _GridAbsPos(nn.Module):
@@ -383,3 +321,78 @@ def create_from_spec(source, **kwargs) -> SpecNet:
     name = spec.get("name") or (str(source) if not isinstance(source, dict) else "spec")
     model.pretrained_cfg = dict(model.pretrained_cfg, architecture=name)
     return model
+
+
+# -- the built-in mixers -------------------------------------------------------------------------------------
+# All ten register here, in the order `mixlab list --mixers` shows them: they are the spec language's base
+# vocabulary (the table above); the blocks of ConvNeXt and ResNet come from their model files.
+def _ln(dim: int) -> nn.Module:
+    return nn.LayerNorm(dim, eps=1e-6)
+
+
+def _generic(mixer: nn.Module, w: int, ratio: float, dp: float, drop: float) -> nn.Module:
+    return MetaBlock(w, mixer, mlp_ratio=ratio, norm_layer=_ln, drop=drop, drop_path=dp)
+
+
+def _attention(st, w, grid, ratio, dp, j, drop):
+    return _generic(Attention(w, st["heads"], proj_drop=drop), w, ratio, dp, drop)
+
+
+def _window(st, w, grid, ratio, dp, j, drop):
+    win = st["window"]
+    return _generic(WindowAttention(w, st["heads"], win, 0 if j % 2 == 0 else win // 2, proj_drop=drop),
+                    w, ratio, dp, drop)
+
+
+def _dwconv(st, w, grid, ratio, dp, j, drop):
+    return _generic(DepthwiseConv(w, st["kernel"]), w, ratio, dp, drop)
+
+
+def _convnext(st, w, grid, ratio, dp, j, drop):
+    return ConvNeXtBlock(w, st["kernel"], mlp_ratio=ratio, layer_scale=None, drop_path=dp)
+
+
+def _pool(st, w, grid, ratio, dp, j, drop):
+    return MetaBlock(w, Pooling(st["pool"]), mlp_ratio=ratio, norm_layer=GroupNorm1NHWC, drop=drop, drop_path=dp,
+                     layer_scale=1e-5)
+
+
+def _mlp(st, w, grid, ratio, dp, j, drop):
+    mixer = TokenMixingMLP(grid[0] * grid[1], max(1, int(st["tokens_ratio"] * w)), grid, drop=drop)
+    return MetaBlock(w, mixer, mlp=Mlp(w, int(ratio * w), drop=drop), norm_layer=_ln, drop_path=dp)
+
+
+def _container(st, w, grid, ratio, dp, j, drop, dynamic=True):
+    mixer = ContainerMixer(w, st.get("heads", 1), dynamic=dynamic, static="conv", kernel_size=st["kernel"],
+                           proj_drop=drop)
+    return MetaBlock(w, mixer, mlp_ratio=ratio, norm_layer=BatchNormNHWC, drop=drop, drop_path=dp,
+                     pos=ConditionalPosEnc(w, 3))
+
+
+def _resnet(kind, st, w, grid, ratio, dp, j, drop, *, in_chs, stride, context):
+    block = (BasicBlock(in_chs, w, stride, dp, context) if kind is BasicBlock
+             else Bottleneck(in_chs, w // Bottleneck.expansion, stride, dp, context))
+    own = {id(mod) for mod in block.context.modules()} if block.context is not None else set()
+    for mod in block.modules():
+        if isinstance(mod, nn.Conv2d) and id(mod) not in own:  # a context module keeps its init
+            nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+    return block
+
+
+def _bottleneck_width(st: dict) -> str | None:
+    if st["width"] % Bottleneck.expansion:
+        return f"width {st['width']} must be divisible by 4 (the block is width/4 wide inside)"
+    return None
+
+
+register_spec_mixer("attention", {"heads": 4}, "attention (global)", _attention)
+register_spec_mixer("window", {"heads": 4, "window": 7}, "window attention (shifted)", _window)
+register_spec_mixer("dwconv", {"kernel": 7}, "depthwise conv", _dwconv)
+register_spec_mixer("convnext", {"kernel": 7}, "ConvNeXt block (depthwise conv)", _convnext)
+register_spec_mixer("pool", {"pool": 3}, "pooling", _pool)
+register_spec_mixer("mlp", {"tokens_ratio": 0.5}, "token-mixing MLP", _mlp)
+register_spec_mixer("container", {"heads": 4, "kernel": 5}, "container: α·attention + β·dwconv", _container)
+register_spec_mixer("conv_static", {"kernel": 5}, "container static: dwconv", partial(_container, dynamic=False))
+register_spec_mixer("basic", {}, "ResNet basic block (dense 3x3 convs)", partial(_resnet, BasicBlock), strided=True)
+register_spec_mixer("bottleneck", {}, "ResNet bottleneck (dense 3x3 conv)", partial(_resnet, Bottleneck),
+                    strided=True, check=_bottleneck_width)

@@ -2,13 +2,16 @@
 in four stages joined by patch merging."""
 from __future__ import annotations
 
+import math
+import re
 from functools import partial
 
 import torch.nn as nn
 
 from ..layers import ClassifierHead, PatchEmbed, PatchMerging, stochastic_depth_rates
 from ..mixers import WindowAttention
-from ..registry import register_model
+from ..registry import (IMAGENET_MEAN_STD, register_architecture_kwargs, register_default_weights, register_layout,
+                        register_model)
 from .base import HierarchicalModel, Stage, build, init_weights_vit
 from .blocks import MetaBlock
 
@@ -85,3 +88,50 @@ def swin_small_patch4_window7_224(**kwargs):
 def swin_base_patch4_window7_224(**kwargs):
     """Swin-B (87.8M, 15.4 GMACs)."""
     return build(SwinTransformer, dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)), kwargs)
+
+
+# -- checkpoints: timm's and microsoft/Swin-Transformer's names, window size, default weights -------------------
+def _rules(merge_at_end: bool) -> list:
+    shift = 1 if merge_at_end else 0
+    return [
+        (r"^patch_embed\.(.+)$", r"stem.\1"),
+        (r"^layers\.(\d+)\.downsample\.(.+)$", lambda m: f"stages.{int(m[1]) + shift}.downsample.{m[2]}"),
+        (r"^layers\.(\d+)\.blocks\.(\d+)\.attn\.(.+)$", r"stages.\1.blocks.\2.mixer.\3"),
+        (r"^layers\.(\d+)\.blocks\.(\d+)\.(.+)$", r"stages.\1.blocks.\2.\3"),
+        (r"^head\.(weight|bias)$", r"head.fc.\1"),
+    ]
+
+
+_BLOCKS = re.compile(r"^layers\.\d+\.blocks\.\d+\.")
+
+
+def _is_authors(keys: list[str]) -> bool:
+    """The authors (and timm < 0.9) merge patches at the END of stage i (layers.0 has one, the last
+    has none) and call the classifier `head`; timm >= 0.9 merges at the start."""
+    if not any(_BLOCKS.match(k) for k in keys):
+        return False
+    if any(k.startswith("layers.0.downsample.") for k in keys):
+        return True
+    return not any(re.match(r"^layers\.\d+\.downsample\.", k) for k in keys) and "head.weight" in keys
+
+
+def _architecture_kwargs(sd: dict, fmt: str, model: SwinTransformer) -> dict:
+    """``window_size`` of a checkpoint whose relative position tables are for another window."""
+    table = next((v for k, v in sd.items() if k.endswith("relative_position_bias_table")), None)
+    if table is not None and table.ndim == 2:
+        side = math.isqrt(table.shape[0])
+        if side * side == table.shape[0] and side % 2 == 1:
+            window = (side + 1) // 2
+            if (window, window) != tuple(model.stages[0].blocks[0].mixer.window_size):
+                return {"window_size": window}
+    return {}
+
+
+register_layout("authors-swin", "swin", _is_authors, _rules(merge_at_end=True), model_class=SwinTransformer,
+                broad=True)
+register_layout("timm", "swin", [_BLOCKS.pattern], _rules(merge_at_end=False), model_class=SwinTransformer,
+                broad=True)
+register_architecture_kwargs("swin", _architecture_kwargs)
+for _size in ("tiny", "small", "base"):
+    register_default_weights(f"swin_{_size}_patch4_window7_224",
+                             f"hf-hub:timm/swin_{_size}_patch4_window7_224.ms_in1k", **IMAGENET_MEAN_STD)

@@ -13,8 +13,8 @@ from functools import partial
 import torch.nn as nn
 
 from ..mixers.tree_filter import TreeFilterBlock, TreeFilterMixer
+from ..registry import register_spec_mixer
 from .blocks import MetaBlock
-from .spec import register_spec_mixer
 
 
 def _spec_block(st, width, grid, mlp_ratio, drop_path, index, drop):

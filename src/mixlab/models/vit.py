@@ -7,6 +7,7 @@ differs from the one the model was built for.
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -14,7 +15,8 @@ import torch.nn as nn
 
 from ..layers import AbsolutePosEmbed, ClassifierHead, PatchEmbed, stochastic_depth_rates, to_2tuple
 from ..mixers import Attention
-from ..registry import register_model
+from ..registry import (IMAGENET_MEAN_STD, INCEPTION_MEAN_STD, register_architecture_kwargs, register_default_weights,
+                        register_layout, register_model)
 from .base import MixlabModel, block_token_maps, build, init_weights_vit, patch_grid
 from .blocks import MetaBlock
 
@@ -184,3 +186,38 @@ def deit_small_distilled_patch16_224(**kwargs):
 def deit_base_distilled_patch16_224(**kwargs):
     """DeiT-B with a distillation token and head."""
     return _vit("base", distilled=True, **kwargs)
+
+
+# -- checkpoints: timm's (and facebookresearch/deit's) names, input size, default weights -----------------------
+TIMM_RULES = [
+    (r"^pos_embed$", "pos_embed.pos_embed"),
+    (r"^blocks\.(\d+)\.attn\.(.+)$", r"blocks.\1.mixer.\2"),
+    (r"^head\.(weight|bias)$", r"head.fc.\1"),
+    (r"^fc_norm\.(.+)$", r"head.norm.\1"),
+]
+
+
+def _architecture_kwargs(sd: dict, fmt: str, model: VisionTransformer) -> dict:
+    """``img_size`` of a checkpoint whose position embedding is for another grid (otherwise it is resampled)."""
+    pos = next((sd[k] for k in ("pos_embed.pos_embed", "pos_embed") if k in sd), None)
+    proj = sd.get("patch_embed.proj.weight")
+    if pos is not None and proj is not None and pos.ndim == 3:
+        for p in (model.num_prefix_tokens, 1, 2, 0):
+            side = math.isqrt(max(pos.shape[1] - p, 0))
+            if side and side * side == pos.shape[1] - p:
+                img = side * proj.shape[-1]
+                return {"img_size": img} if (img, img) != tuple(model.img_size) else {}
+    return {}
+
+
+# broad: other ViT-like families' checkpoints (CaiT, ConViT, ...) share these names; theirs are checked first
+register_layout("timm", "vit", [r"^blocks\.\d+\.attn\.qkv\.", r"^pos_embed$", r"^cls_token$"], TIMM_RULES,
+                model_class=VisionTransformer, broad=True, mixlab_patterns=[r"^pos_embed\.pos_embed$"])
+register_architecture_kwargs("vit", _architecture_kwargs)
+for _size in ("tiny", "small", "base"):
+    for _distilled in ("", "distilled_"):
+        _name = f"deit_{_size}_{_distilled}patch16_224"
+        register_default_weights(_name, f"hf-hub:timm/{_name}.fb_in1k", **IMAGENET_MEAN_STD)
+for _size in ("tiny", "small", "base", "large"):
+    _name = f"vit_{_size}_patch16_224"
+    register_default_weights(_name, f"hf-hub:timm/{_name}.augreg_in21k_ft_in1k", **INCEPTION_MEAN_STD)

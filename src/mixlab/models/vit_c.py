@@ -32,8 +32,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..registry import register_model
-from ..weights.convert import register_layout
+from ..registry import register_layout, register_model
 from .base import build, patch_grid
 from .spec import create_from_spec
 from .vit import VisionTransformer

@@ -1,7 +1,14 @@
-"""Weights from the ecosystem: safe reading, conversion from timm's and the authors' names,
-loading with clear errors."""
+"""The checkpoint room: reading and writing weight files (:mod:`~mixlab.weights.io`), whether a
+state dict fits a model (:mod:`~mixlab.weights.fit`), conversion from timm's and the authors'
+names (:mod:`~mixlab.weights.convert`), loading with clear errors (:mod:`~mixlab.weights.load`)."""
 from .convert import architecture_kwargs, convert_state_dict, detect_format
-from .load import DEFAULT_WEIGHTS, LoadResult, load_pretrained, read_checkpoint
+from .fit import FitReport, check_compatible, fit_lines, fit_report
+from .io import (CheckpointError, checkpoint_metadata, describe_source, load_weights, metadata_config, read_checkpoint,
+                 save_weights)
+from .load import LoadResult, load_pretrained, load_state
 
 __all__ = ["architecture_kwargs", "convert_state_dict", "detect_format",
-           "DEFAULT_WEIGHTS", "LoadResult", "load_pretrained", "read_checkpoint"]
+           "FitReport", "check_compatible", "fit_lines", "fit_report",
+           "CheckpointError", "checkpoint_metadata", "describe_source", "load_weights", "metadata_config",
+           "read_checkpoint", "save_weights",
+           "LoadResult", "load_pretrained", "load_state"]

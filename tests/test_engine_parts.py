@@ -521,7 +521,8 @@ def test_check_compatible():
     fc1 = r"blocks\.1\.mlp\.fc1\.weight"
     with pytest.raises(CheckpointError, match="(?m)1 missing " + listed.format("model", "checkpoint", fc1)):
         check_compatible(model, missing)
-    with pytest.raises(CheckpointError, match="(?m)1 unexpected " + listed.format("checkpoint", "model", r"extra\.weight")):
+    extra = r"extra\.weight"
+    with pytest.raises(CheckpointError, match="(?m)1 unexpected " + listed.format("checkpoint", "model", extra)):
         check_compatible(model, {**sd, "extra.weight": torch.zeros(1)})
     with pytest.raises(CheckpointError, match=r"more"):  # long lists are cut, with a count
         check_compatible(model, {"module." + k: v for k, v in sd.items()})

@@ -298,8 +298,13 @@ def test_detect_timm(name):
 
 
 def test_detect_unrecognised_and_wrapped():
-    with pytest.raises(ValueError, match="unrecognised state dict layout.*foo.weight"):
+    with pytest.raises(ValueError, match="unrecognised state dict layout.*foo.weight") as err:
         detect_format({"foo.weight": torch.zeros(2), "bar.bias": torch.zeros(2)})
+    # the message lists what the families registered, the first ones' too
+    _, timm, authors = str(err.value).split("; ")
+    assert set(timm.split("families ")[1].split(", ")) >= {"resnet", "vit", "swin", "convnext", "mlp_mixer",
+                                                          "poolformer", "cait", "efficientformer"}
+    assert set(authors.split("names of ")[1].split(", ")) >= {"swin", "convnext", "poolformer", "container", "pvt"}
     with pytest.raises(ValueError, match="empty"):
         detect_format({})
     with pytest.raises(ValueError, match="unrecognised"):

@@ -22,7 +22,7 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch

@@ -29,9 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..layers.pos import resample_abs_pos_embed
 from ..registry import (ARCHITECTURE_KWARGS, Layout, family_of_class, is_model, layouts_in_order, model_entrypoint,
                         model_family)
-from ..layers.pos import resample_abs_pos_embed
+from .fit import classifier_prefixes
 from .io import unwrap_checkpoint
 
 __all__ = ["architecture_kwargs", "convert_state_dict", "detect_format"]
@@ -73,10 +74,11 @@ def _layout(sd: dict) -> tuple[str, str | None]:
         raise ValueError("cannot detect the format of an empty state dict")
     ordered = layouts_in_order()
     specific = [x for x in ordered if not x.broad]
-    broad = [x for x in ordered if x.broad]
+    broad = ordered[len(specific):]
     # a specific layout's patterns match no mixlab key (register_layout's contract), while some
     # of its other keys may look like mixlab's (timm's EfficientFormer has `ls1.gamma`): the
-    # specific families' own names, then their layouts, before mixlab's generic names
+    # specific families' own names, then their layouts; then mixlab's generic names with the
+    # broad families' own, then the broad layouts
     for group in (specific, broad):
         mixlab = [p for x in group for p in x.mixlab_patterns] + (list(MIXLAB_PATTERNS) if group is broad else [])
         if _any(keys, *mixlab):
@@ -85,12 +87,19 @@ def _layout(sd: dict) -> tuple[str, str | None]:
             if _matches(x, keys):
                 return x.format, x.family
     sample = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
-    known = {}
-    for x in ordered:
-        known.setdefault(x.format, []).append(x.family)
-    supported = "; ".join(f"{fmt} names of {', '.join(dict.fromkeys(fams))}" for fmt, fams in known.items())
     raise ValueError(f"unrecognised state dict layout (keys: {sample}). Supported: mixlab's own names; "
-                     f"{supported or 'no other layout is registered'}")
+                     f"{_supported(ordered)}")
+
+
+def _supported(layouts: list[Layout]) -> str:
+    """The registered layouts in words: timm's, then the authors' (by family), then any other format."""
+    timm = sorted({x.family for x in layouts if x.format == "timm"})
+    authors = sorted({x.family for x in layouts if x.format.startswith("authors-")})
+    other = sorted({f"{x.format} ({x.family})" for x in layouts if x.format != "timm"
+                    and not x.format.startswith("authors-")})
+    parts = ([f"timm 1.0's names of the families {', '.join(timm)}"] if timm else []) + \
+        ([f"the authors' original names of {', '.join(authors)}"] if authors else []) + other
+    return "; ".join(parts) or "no other layout is registered"
 
 
 def detect_format(state_dict: dict) -> str:
@@ -147,10 +156,6 @@ def _strip_ones(shape) -> tuple[int, ...]:
     return tuple(s)
 
 
-def _is_classifier(key: str) -> bool:
-    return key.startswith(("head.fc.", "head_dist.")) or key in ("head.weight", "head.bias")
-
-
 def _resample_rel_table(table: torch.Tensor, window) -> torch.Tensor:
     """Bicubic resampling of a ((2w-1)^2, heads) relative position bias table to another
     window (Swin's rule for fine-tuning at another window size)."""
@@ -164,13 +169,13 @@ def _resample_rel_table(table: torch.Tensor, window) -> torch.Tensor:
     return grid.reshape(heads, -1).t().contiguous().to(table.dtype)
 
 
-def _fit(key: str, value: torch.Tensor, target: dict, model: nn.Module) -> torch.Tensor:
+def _fit(key: str, value: torch.Tensor, target: dict, model: nn.Module, classifier: tuple[str, ...]) -> torch.Tensor:
     """``value`` fitted to the model's tensor ``key`` where that is meaningful; otherwise
-    unchanged (the loader reports the shape mismatch)."""
+    unchanged (the loader reports the shape mismatch). ``classifier``: prefixes of the classifier's names."""
     want = target.get(key)
     if want is None or not isinstance(value, torch.Tensor) or tuple(value.shape) == tuple(want.shape):
         return value
-    if _is_classifier(key):
+    if key.startswith(classifier):
         return value  # the loader decides what to do about another num_classes
     if key.endswith("pos_embed.pos_embed") and value.ndim == 3 and value.shape[-1] == want.shape[-1]:
         module = model.get_submodule(key[: -len(".pos_embed")])
@@ -213,6 +218,7 @@ def convert_state_dict(state_dict: dict, model: nn.Module) -> dict:
             raise ValueError(f"the state dict is a {fmt} {family} checkpoint, but {arch!r} is {what}; "
                              f"build the matching mixlab model (mixlab list --family {family})")
     target = model.state_dict()
+    classifier = tuple(f"{p}." for p in classifier_prefixes(model))
     layout = _find(fmt, family)
     rules = [] if layout is None else list(layout.rules(list(sd)) if callable(layout.rules) else layout.rules)
     rules = [(re.compile(p), r) for p, r in rules]
@@ -226,10 +232,10 @@ def convert_state_dict(state_dict: dict, model: nn.Module) -> dict:
         cands = _candidates(key, rules)
         # the classifier keeps mixlab's name even where the model has none (num_classes=0),
         # so that the loader can tell it from other unexpected keys
-        new = next((c for c in cands if (c in target or _is_classifier(c)) and c not in out), key)
+        new = next((c for c in cands if (c in target or c.startswith(classifier)) and c not in out), key)
         if new in out:  # a source name that collides with a converted one: keep both visible
             new = f"{key} (unconverted)"
-        out[new] = _fit(new, value, target, model)
+        out[new] = _fit(new, value, target, model, classifier)
     return out
 
 

@@ -9,7 +9,8 @@
 * :func:`checkpoint_metadata` writes, :func:`metadata_config` reads the string metadata of a
   mixlab checkpoint (training runs and ``mixlab convert`` write the same keys).
 
-Unreadable files raise :class:`CheckpointError` (a ValueError) naming the file.
+A file that cannot be read, or holds no tensors, raises :class:`CheckpointError` (a ValueError)
+naming it; a Hub id that cannot be fetched, a ValueError saying why.
 """
 from __future__ import annotations
 
@@ -94,11 +95,11 @@ def _read_file(path: Path, where: str | None = None) -> tuple[dict[str, torch.Te
     suffix = path.suffix.lower()
     accepted = ", ".join(SAFETENSORS_EXTENSIONS + PTH_EXTENSIONS)
     if suffix not in SAFETENSORS_EXTENSIONS + PTH_EXTENSIONS:
-        raise ValueError(f"cannot read {where!r}: unknown checkpoint extension {path.suffix or '(none)'!r}; "
+        raise CheckpointError(f"cannot read {where!r}: unknown checkpoint extension {path.suffix or '(none)'!r}; "
                          f"accepted are {accepted}, a Hugging Face Hub id 'hf-hub:org/name', or a state dict")
     if not path.is_file():
         hint = " (it is a directory)" if path.is_dir() else ""
-        raise ValueError(f"no checkpoint file at {where!r}{hint}; check the path "
+        raise CheckpointError(f"no checkpoint file at {where!r}{hint}; check the path "
                          f"(Hub ids are written 'hf-hub:org/name')")
     if suffix in SAFETENSORS_EXTENSIONS:
         return _read_safetensors(path, where)
@@ -146,16 +147,16 @@ def _read_torch(path: Path, where: str) -> tuple[dict[str, torch.Tensor], dict[s
             what = ("data that torch.load(weights_only=True) does not accept"
                     + (f" ({reason.group(1).strip()})" if reason else "") +
                     "; it may not be a PyTorch checkpoint at all")
-        raise ValueError(
+        raise CheckpointError(
             f"{where!r} holds {what}. mixlab will not unpickle it: unpickling can run arbitrary code. If you "
             f"trust the file, convert it to safetensors in a trusted environment, e.g.\n  "
             f"{_trusted_conversion_hint(path, from_hub=where.startswith(HUB_PREFIX))}\n"
             f"then load the .safetensors file") from None
     except (EOFError, RuntimeError, OSError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else "the file is empty or truncated"
-        raise ValueError(f"{where!r} is not a readable PyTorch checkpoint ({reason})") from e
+        raise CheckpointError(f"{where!r} is not a readable PyTorch checkpoint ({reason})") from e
     if isinstance(obj, torch.Tensor) or not isinstance(obj, Mapping):
-        raise ValueError(f"{where!r} holds a {type(obj).__name__}, not a state dict (a dict of names to tensors)")
+        raise CheckpointError(f"{where!r} holds a {type(obj).__name__}, not a state dict (a dict of names to tensors)")
     return unwrap_checkpoint(obj, repr(where), {})
 
 
@@ -187,7 +188,7 @@ def unwrap_checkpoint(obj: Mapping, where: str = "the state dict", metadata: Map
             dropped.append(str(k))
     if not state_dict:
         entries = ", ".join(map(str, list(obj)[:10])) or "nothing"
-        raise ValueError(f"{where} holds no tensors (found: {entries}); expected a state dict, or a checkpoint "
+        raise CheckpointError(f"{where} holds no tensors (found: {entries}); expected a state dict, or a checkpoint "
                          f"with one under {' / '.join(repr(k) for k in CONTAINER_KEYS)}")
     if dropped:
         metadata["dropped"] = ", ".join(dropped)

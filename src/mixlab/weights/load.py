@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .convert import convert_state_dict, detect_format
 from .fit import classifier_keys, classifier_prefixes, fit_lines, fit_report, plain_model
-from .io import Source, describe_source, read_checkpoint
+from .io import CheckpointError, Source, describe_source, read_checkpoint
 
 __all__ = ["LoadResult", "load_pretrained", "load_state"]
 
@@ -40,7 +40,6 @@ class LoadResult:
     new_classifier: bool = False
     dropped: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
-
 
 
 def _stem(key: str) -> str:
@@ -93,8 +92,6 @@ def _convert(state_dict: Mapping[str, torch.Tensor], model: nn.Module, model_sd:
         raise
 
 
-
-
 def load_pretrained(model: nn.Module, source: Source, strict: bool = True,
                     num_classes_from_checkpoint: bool = False) -> LoadResult:
     """Load the weights of ``source`` (see :func:`read_checkpoint`) into ``model``.
@@ -106,9 +103,9 @@ def load_pretrained(model: nn.Module, source: Source, strict: bool = True,
     ``num_classes_from_checkpoint=True`` the model's classifier is instead rebuilt with the
     checkpoint's number of classes and loaded.
 
-    With ``strict=True`` any missing, unexpected or mis-shaped tensor raises a ValueError
-    listing them all (BatchNorm's ``num_batches_tracked`` counters excepted); with
-    ``strict=False`` what fits is loaded and the rest is reported in the returned
+    With ``strict=True`` any missing, unexpected or mis-shaped tensor raises a
+    :class:`~mixlab.weights.io.CheckpointError` (a ValueError) listing them all (BatchNorm's
+    ``num_batches_tracked`` counters excepted); with ``strict=False`` what fits is loaded and the rest is reported in the returned
     :class:`LoadResult`. ``model`` may be wrapped (``features_only``, DDP, ``torch.compile``).
     """
     state_dict, metadata = read_checkpoint(source)
@@ -163,7 +160,7 @@ def load_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], metadat
     report = fit_report(model_sd, converted, prefixes, exempt=fresh)
     result.missing, result.unexpected, result.mismatched = report.missing, report.unexpected, report.mismatched
     if strict and report:
-        raise ValueError(_mismatch_message(model, result, fit_lines(report), architecture_kwargs))
+        raise CheckpointError(_mismatch_message(model, result, fit_lines(report), architecture_kwargs))
 
     final = {k: v for k, v in converted.items() if k in model_sd and v.shape == model_sd[k].shape}
     for k in model_sd:  # counters and the fresh classifier: the model's own values

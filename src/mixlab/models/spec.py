@@ -154,7 +154,7 @@ def _check_stage(i: int, st: dict) -> dict:
     mixer = st.get("mixer")
     if mixer not in MIXERS:
         raise SpecError(f"stage {i}: unknown mixer {mixer!r}; mixers: {', '.join(MIXERS)}")
-    opts, resnet = MIXERS[mixer].options, MIXERS[mixer].strided
+    opts, strided = MIXERS[mixer].options, MIXERS[mixer].strided
     unknown = set(st) - STAGE_KEYS - set(opts)
     if unknown:
         raise SpecError(f"stage {i} ({mixer}): unknown option(s) {sorted(unknown)}; this mixer takes "
@@ -162,11 +162,11 @@ def _check_stage(i: int, st: dict) -> dict:
     for key in ("depth", "width"):
         if not isinstance(st.get(key), int) or st[key] < 1:
             raise SpecError(f"stage {i} ({mixer}): {key} must be a positive integer, got {st.get(key)!r}")
-    down = st.get("downsample", "stride" if resnet else "conv")
-    allowed = ("stride", "none") if resnet else ("conv", "merge", "none")
+    down = st.get("downsample", "stride" if strided else "conv")
+    allowed = ("stride", "none") if strided else ("conv", "merge", "none")
     if down not in allowed:
         raise SpecError(f"stage {i} ({mixer}): downsample {down!r} is not one of {', '.join(allowed)}"
-                        + (" (ResNet blocks downsample inside their first block)" if resnet else ""))
+                        + (" (ResNet blocks downsample inside their first block)" if strided else ""))
     problem = MIXERS[mixer].check(st) if MIXERS[mixer].check is not None else None
     if problem:
         raise SpecError(f"stage {i} ({mixer}): {problem}")
@@ -183,7 +183,7 @@ def _check_stage(i: int, st: dict) -> dict:
     if placement not in CONTEXT_PLACEMENTS:
         raise SpecError(f"stage {i} ({mixer}): context_placement {placement!r} is not one of "
                         f"{', '.join(CONTEXT_PLACEMENTS)}")
-    if placement == "block" and not resnet:
+    if placement == "block" and not strided:
         raise SpecError(f"stage {i} ({mixer}): context_placement=block puts a context module inside every "
                         f"block of a basic or bottleneck stage, not of {mixer}; use context_placement=stage")
     if placement == "block" and context == "none":

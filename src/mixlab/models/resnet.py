@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import ClassifierHead, DropPath, ResNetStem, stochastic_depth_rates
-from ..layers.context import context_spec
+from ..mixers.context import context_spec
 from ..registry import register_model
 from .base import HierarchicalModel, Stage, build
 
@@ -104,7 +104,7 @@ class ResNet(HierarchicalModel):
     """ResNet with bottleneck blocks: 7x7/2 stem + max pool, four stages (the first block
     of stages 2-4 strides by 2), global average pooling, classifier.
 
-    Global context modules (:mod:`mixlab.layers.context`: se, ge, ge_theta, ge_theta_global,
+    Global context modules (:data:`mixlab.mixers.context.CONTEXT_MODULES`: se, ge, ge_theta, ge_theta_global,
     bam, nonlocal, crisscross, gc, tree_filter) are inserted with ``context=NAME``; ``context_stages`` (0-based stage
     indices, default: the module's paper placement), ``context_placement`` ('block': inside
     every bottleneck of those stages, before the residual addition; 'stage': after the last

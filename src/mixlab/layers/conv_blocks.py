@@ -5,7 +5,8 @@ BatchNorm that ``fuse()`` can fold):
 * :class:`MBConv` (MobileNetV2's inverted residual) and :class:`FusedMBConv` (EfficientNetV2's),
   the blocks of CETNet's convolutional embeddings (:mod:`mixlab.layers.embed`);
 * :class:`MBConvBlock`, CoAtNet's pre-norm MBConv block with squeeze-excitation
-  (:class:`ConvSqueezeExcite`), on a channels-last map.
+  (:class:`ConvSqueezeExcite`), on a channels-last map;
+* :class:`ResidualConvBlock`, the residual frame of ResNet's blocks (and BoTNet's, LR-Net's).
 """
 from __future__ import annotations
 
@@ -179,3 +180,33 @@ def init_conv_fan_out(module: nn.Module) -> None:
         nn.init.normal_(module.weight, 0.0, (2.0 / fan_out) ** 0.5)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+class ResidualConvBlock(nn.Module):
+    """What ResNet's blocks (and BoTNet's, LR-Net's) share: ``relu(branch(x) + shortcut(x))`` with a projection
+    shortcut (1x1 conv + BN) when the block changes shape, stochastic depth on the branch,
+    and the layout: channels-last in and out, the convolutions on the NCHW view.
+    ``context(out_chs)``, if given, makes a context module applied to the branch's output
+    before the residual addition (where SE and GC blocks go; channels-last in and out)."""
+
+    def _add_residual(self, in_chs: int, out_chs: int, stride: int, drop_path: float, context=None) -> None:
+        # called after the branch's layers are made: the order in which modules are created is
+        # the order in which they draw their initial weights
+        self.context = context(out_chs) if context is not None else None
+        self.act = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_chs != out_chs:
+            self.downsample = nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(out_chs))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2)
+        shortcut = x if self.downsample is None else self.downsample(x)
+        y = self.branch(x)
+        if self.context is not None:
+            y = self.context(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.act(self.drop_path(y) + shortcut).permute(0, 2, 3, 1)

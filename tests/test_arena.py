@@ -257,9 +257,11 @@ def test_side_by_side_runs_are_spread_over_the_gpus(tmp_path, monkeypatch):
         return 0
 
     monkeypatch.setattr(runner, "train_in_child", fake_train)
-    todo = [("m", k, tmp_path / f"run{k}", f"[{k}]") for k in range(5)]
+    planned = [runner.PlannedRun("m", k, tmp_path / f"run{k}", f"[{k}]") for k in range(5)]
     started = []
-    runner._train_side_by_side(ArenaSettings(jobs=2, device="auto"), todo, lambda *a: started.append(a[1]),
-                               lambda *a: pytest.fail(f"no run fails here: {a}"), lambda *a: None, True, {})
+    arena = runner.ArenaRun(ArenaSettings(jobs=2, device="auto"), base=None, out=tmp_path, quiet=True)
+    monkeypatch.setattr(arena, "start", lambda run: started.append(run.seed))
+    monkeypatch.setattr(arena, "failed", lambda *a: pytest.fail(f"no run fails here: {a}"))
+    arena.train(planned)
     assert started == [0, 1, 2, 3, 4] and sorted(r for r, _, _ in seen) == [f"run{k}" for k in range(5)]
     assert {g for _, g, _ in seen} == {"0", "1"} and {t for _, _, t in seen} == {runner.child_threads(2)}

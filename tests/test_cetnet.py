@@ -12,8 +12,9 @@ import torch.nn.functional as F
 import mixlab  # noqa: E402
 import mixlab.models.cetnet  # noqa: E402,F401  (registers the models and the spec mixer)
 from mixlab.analysis import count_macs, count_params  # noqa: E402
+from mixlab.layers.embed import CETNetStem, ConvolutionalEmbedding  # noqa: E402
 from mixlab.mixers.lewin import LEWinAttention  # noqa: E402
-from mixlab.models.cetnet import CETNet, CETNetStem, ConvolutionalEmbedding  # noqa: E402
+from mixlab.models.cetnet import CETNet  # noqa: E402
 from test_parity import _fast_init  # noqa: E402,F401
 
 D = 16

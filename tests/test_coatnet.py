@@ -13,10 +13,11 @@ timm = pytest.importorskip("timm")
 
 import mixlab  # noqa: E402
 from mixlab.analysis import count_macs, count_params  # noqa: E402
+from mixlab.layers.conv_blocks import MBConvBlock  # noqa: E402
 from mixlab.mixers import Mixer  # noqa: E402
 from mixlab.mixers.rel_attention import RelativeAttention, resample_rel_bias_table  # noqa: E402
 from mixlab.models.blocks import MetaBlock  # noqa: E402
-from mixlab.models.coatnet import CoAtNet, MBConvBlock, RelAttnBlock  # noqa: E402
+from mixlab.models.coatnet import CoAtNet, RelAttnBlock  # noqa: E402
 from mixlab.weights import convert_state_dict, detect_format  # noqa: E402
 from test_parity import _fast_init, assert_same_logits, randomize_  # noqa: E402,F401
 from test_nano import mixer_calls  # noqa: E402

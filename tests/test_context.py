@@ -12,9 +12,10 @@ import torch
 from mixlab import create_model
 from mixlab.analysis import profile_model
 from mixlab.cli import main
-from mixlab.layers.context import (BAM, CONTEXT_MODULES, GatherExcite, SqueezeExcite, context_spec)
+from mixlab.layers.context import BAM, GatherExcite, SqueezeExcite
 from mixlab.mixers.base import aggregate, flatten_tokens
-from mixlab.mixers.context import CrissCrossAttention, GlobalContextBlock, NonLocalBlock
+from mixlab.mixers.context import (CONTEXT_MODULES, CrissCrossAttention, GlobalContextBlock, NonLocalBlock,
+                                   context_spec)
 from mixlab.models.resnet import ResNet
 
 FACTORIES = {

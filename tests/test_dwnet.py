@@ -15,9 +15,10 @@ import mixlab
 import mixlab.models.dwnet  # noqa: F401  (registers the models, spec mixers and layout)
 from mixlab.analysis import count_params, profile_model
 from mixlab.mixers.base import conv_toeplitz
+from mixlab.mixers.dwnet import DWNetMixer
 from mixlab.mixers.dynamic_conv import DynamicDepthwiseConv
 from mixlab.models.base import FeatureExtractor
-from mixlab.models.dwnet import DWNet, DWNetMixer
+from mixlab.models.dwnet import DWNet
 from mixlab.weights import convert_state_dict, detect_format
 from test_parity import randomize_
 

@@ -16,9 +16,9 @@ timm = pytest.importorskip("timm")
 import mixlab  # noqa: E402
 import mixlab.models.efficientformer as ef  # noqa: E402  (registers the model, the layout and the spec mixers)
 from mixlab.analysis import count_params, profile_model  # noqa: E402
+from mixlab.mixers.offset_attention import OffsetBiasAttention, offset_index, resample_offset_bias  # noqa: E402
 from mixlab.models.blocks import MetaBlock  # noqa: E402
-from mixlab.models.efficientformer import (EfficientFormer, Meta4DBlock, OffsetBiasAttention,  # noqa: E402
-                                           TokenSwitch, offset_index, resample_offset_bias)
+from mixlab.models.efficientformer import EfficientFormer, Meta4DBlock, TokenSwitch  # noqa: E402
 from mixlab.weights import convert_state_dict, detect_format  # noqa: E402
 from test_parity import _fast_init, assert_same_logits, randomize_, timm_model  # noqa: E402,F401
 

@@ -437,3 +437,23 @@ def test_window_attention_padded_shifted_gradients(size):
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
     assert m.relative_position_bias_table.grad.abs().sum() > 0
+
+
+def test_every_mixer_is_exported_from_the_package():
+    """Every subclass of ``Mixer`` defined in a module of ``mixlab.mixers`` is in ``mixlab.mixers.__all__``
+    (and so importable as ``from mixlab.mixers import Name``)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import mixlab.mixers as package
+    from mixlab.mixers.base import Mixer
+
+    defined = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        defined |= {name for name, obj in vars(module).items()
+                    if inspect.isclass(obj) and issubclass(obj, Mixer) and obj.__module__ == module.__name__}
+    assert len(defined) > 30  # the walk found the modules
+    assert sorted(defined - set(package.__all__)) == []
+    assert all(getattr(package, name).__name__ == name for name in defined)

@@ -15,8 +15,9 @@ import mixlab
 import mixlab.models.replknet  # noqa: F401  (registers the model, the spec mixer and the layout)
 from mixlab.analysis import count_params, profile_model
 from mixlab.mixers.base import conv_toeplitz
+from mixlab.mixers.large_kernel import ReparamLargeKernelConv
 from mixlab.models.base import FeatureExtractor
-from mixlab.models.replknet import ReparamLargeKernelConv, RepLKNet, reparameterize
+from mixlab.models.replknet import RepLKNet, reparameterize
 from mixlab.weights import convert_state_dict, detect_format
 from test_parity import randomize_
 

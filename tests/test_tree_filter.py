@@ -12,7 +12,7 @@ import torch
 import mixlab
 import mixlab.models.tree_filter  # noqa: F401  (registers the spec mixer)
 from mixlab.analysis import count_macs, count_params
-from mixlab.layers import context as ctx
+from mixlab.mixers import context as ctx
 from mixlab.layers.tree_filter import (bfs_tree, grid_edges, minimum_spanning_tree,
                                        parent_edge_values, tree_filter)
 from mixlab.mixers.tree_filter import TreeFilterBlock, TreeFilterMixer

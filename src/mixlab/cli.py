@@ -23,6 +23,15 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def add_list_parser(sub) -> None:
+    s = sub.add_parser("list", help="list registered models (optionally matching a pattern)")
+    s.add_argument("pattern", nargs="?", help="shell-style pattern or substring, e.g. 'swin*' or 'deit'")
+    s.add_argument("--mixers", action="store_true",
+                   help="list the mixers a specification's stages can name, with their options, instead")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_list)
+
+
 def cmd_list(args) -> int:
     from .registry import list_models, model_family
 
@@ -79,6 +88,19 @@ def _model_options(items: list[str]) -> dict:
     return out
 
 
+def add_info_parser(sub) -> None:
+    s = sub.add_parser("info", help="parameters, GMACs and per-stage breakdown of a model")
+    s.add_argument("model", help="a registered model name (see `mixlab list`)")
+    s.add_argument("--img-size", type=int, default=None, help="input size (default: the model's own)")
+    s.add_argument("--in-chans", type=int, default=None, help="input channels (default 3)")
+    s.add_argument("--num-classes", type=int, default=None, help="classes of the head (default 1000)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a keyword argument of create_model, the value parsed as YAML (repeatable), "
+                        "e.g. --set context=gc --set context_stages=[1,2,3]")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_info)
+
+
 def cmd_info(args) -> int:
     from .analysis import profile_model
 
@@ -131,6 +153,34 @@ def _train_config(args):
     return build_config(user, flags, recipe=args.recipe, overrides=args.set or [])
 
 
+def add_train_parser(sub) -> None:
+    s = sub.add_parser("train", help="train a model (a YAML config, a recipe, flags and --set overrides)",
+                       description="Train and evaluate a model. Configuration layers: the recipe (default 'basic'), "
+                                   "the YAML file, the flags, then --set section.key=value overrides. Under torchrun "
+                                   "the same command trains with DistributedDataParallel.")
+    s.add_argument("config", nargs="?", help="a YAML configuration file (sections model:, data:, train:, ...)")
+    s.add_argument("--recipe", help="deit | convnext | deit3 | basic, or a YAML path (see `mixlab recipes`)")
+    s.add_argument("--model", help="a registered model name")
+    s.add_argument("--data", help="digits | fashion-mnist | cifar10 | cifar100 | imagefolder")
+    s.add_argument("--data-root", help="where the dataset's files are")
+    s.add_argument("--img-size", type=int, help="input size the model sees (default: the dataset's)")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--batch-size", type=int, help="per process")
+    s.add_argument("--lr", type=float, help="absolute learning rate")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    s.add_argument("--amp", choices=["none", "bf16", "fp16"])
+    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
+    s.add_argument("--output", help="parent directory of runs (default runs/)")
+    s.add_argument("--name", help="run name (default MODEL-DATA)")
+    s.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                   help="continue an interrupted run (its directory, or the one this configuration names)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key, e.g. optimizer.lr=1e-3")
+    s.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    s.set_defaults(func=cmd_train)
+
+
 def cmd_train(args) -> int:
     import yaml
 
@@ -153,6 +203,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def add_eval_parser(sub) -> None:
+    s = sub.add_parser("eval", help="evaluate a run directory or checkpoint on its validation data")
+    s.add_argument("run", help="a run directory (uses checkpoints/best.safetensors) or a checkpoint file")
+    s.add_argument("--data", help="another dataset with the same classes")
+    s.add_argument("--data-root")
+    s.add_argument("--ema", action="store_true", help="evaluate the EMA weights of that checkpoint")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_eval)
+
+
 def cmd_eval(args) -> int:
     from .engine.trainer import evaluate_run
 
@@ -164,6 +226,38 @@ def cmd_eval(args) -> int:
         print(f"{r['model']} on {r['data']} ({r['images']} images, {r['checkpoint']}): top-1 {r['top1']:.2f}%, "
               f"top-5 {r['top5']:.2f}%, loss {r['loss']:.4f}")
     return 0
+
+
+def add_arena_parser(sub) -> None:
+    s = sub.add_parser("arena", help="train several models under one recipe and seeds; write a comparison report",
+                       description="Train a line-up of models (default: the nano family) under the identical "
+                                   "recipe, data, epochs and seeds, then write a report directory: leaderboard "
+                                   "(Markdown, CSV), plots (PNG) and one self-contained HTML page. Rerunning the "
+                                   "same command skips finished runs and continues an interrupted one.")
+    s.add_argument("models", nargs="*", metavar="MODEL",
+                   help="registered names, 'spec:...' strings or spec .yaml files; 'nano' stands for the nano "
+                        "line-up (the default: eight families), 'nano-zoo' for the nano models of the further "
+                        "families, 'nano-all' for both")
+    s.add_argument("--data", default="digits", help="digits (default, bundled) | fashion-mnist | cifar10 | "
+                   "cifar100 | imagefolder")
+    s.add_argument("--data-root", help="where the dataset's files are")
+    s.add_argument("--epochs", type=int, help="epochs per run (default: 5 on digits, else the recipe's)")
+    s.add_argument("--seeds", type=int, default=1, help="runs per model, with seeds 0..N-1 (default 1)")
+    s.add_argument("--recipe", default="arena", help="the recipe every model trains with (default 'arena')")
+    s.add_argument("--img-size", type=int, help="input size (default: the dataset's, at least 28)")
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key for every run")
+    s.add_argument("--out", help="report directory (default arena/DATA-EPOCHSep-SEEDSseed)")
+    s.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, each with its share of "
+                   "the CPU cores (default 1); small models use several cores poorly, so on a CPU two or more "
+                   "side by side finish sooner; with several GPUs each run gets its own (the recipe and the "
+                   "report are unchanged)")
+    s.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
+    s.add_argument("--report-only", action="store_true", help="train nothing: write the report of the runs that "
+                   "have finished (with the same settings as the arena that ran them)")
+    s.add_argument("--quiet", action="store_true", help="print only the final leaderboard")
+    s.set_defaults(func=cmd_arena)
 
 
 def cmd_arena(args) -> int:
@@ -188,6 +282,12 @@ def cmd_arena(args) -> int:
     return 0
 
 
+def add_recipes_parser(sub) -> None:
+    s = sub.add_parser("recipes", help="list the training recipes, or print one to copy")
+    s.add_argument("name", nargs="?")
+    s.set_defaults(func=cmd_recipes)
+
+
 def cmd_recipes(args) -> int:
     from .config import list_recipes, recipe_path
 
@@ -198,6 +298,24 @@ def cmd_recipes(args) -> int:
             first = recipe_path(r).read_text().splitlines()[0].lstrip("# ")
             print(f"{r:10s} {first}")
     return 0
+
+
+def add_convert_parser(sub) -> None:
+    s = sub.add_parser("convert", help="convert a checkpoint (mixlab, timm, the authors') to a mixlab .safetensors",
+                       description="Read a checkpoint (a .safetensors / .pth / .pt / .bin / .ckpt file or a Hub id "
+                                   "'hf-hub:org/name'; PyTorch files are read with weights_only=True only), convert "
+                                   "it to the mixlab model's names, load it strictly and write it as safetensors "
+                                   "with its architecture, input size and normalisation as metadata. The result "
+                                   "loads with create_model(MODEL, pretrained=DST).")
+    s.add_argument("src", metavar="SRC", help="the checkpoint: a file or 'hf-hub:org/name[@revision]'")
+    s.add_argument("dst", metavar="DST", help="the output file (*.safetensors)")
+    s.add_argument("--model", required=True, help="the mixlab model the weights are for (see `mixlab list`)")
+    s.add_argument("--img-size", type=int, help="input size to build the model for (position embeddings are "
+                   "resampled; default: the one a mixlab checkpoint records, else the model's own)")
+    s.add_argument("--num-classes", type=int, help="classes of the head (default: the checkpoint's; another number "
+                   "gives a freshly initialised classifier)")
+    s.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    s.set_defaults(func=cmd_convert)
 
 
 def cmd_convert(args) -> int:
@@ -276,6 +394,34 @@ def _report_written(command: str, written: dict) -> None:
     print(f"mixlab {command}: wrote {', '.join(sorted(p.name for p in written.values()))} to {out}/")
 
 
+def _analysis_arguments(s, default_out: str, data: bool = True) -> None:
+    s.add_argument("models", nargs="*", metavar="MODEL", help="registered names or 'spec:...' strings")
+    s.add_argument("--checkpoint", action="append", metavar="C",
+                   help="weights for the model in the same position: a run directory, a checkpoint file, a "
+                        ".safetensors/.pth file or hf-hub:org/name (repeatable; default: random initialisation)")
+    if data:
+        s.add_argument("--data", help="images from this dataset's validation split (default: the run's "
+                       "dataset for a run, else Gaussian noise)")
+        s.add_argument("--data-root", help="where the dataset's files are")
+    s.add_argument("--img-size", type=int, help="input size to build the models for (default: their own)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a keyword argument of create_model (YAML value; repeatable)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the noise images and of random weights")
+    s.add_argument("--out", default=default_out, help=f"output directory (default {default_out})")
+    s.add_argument("--json", action="store_true", help="also print the JSON")
+
+
+def add_erf_parser(sub) -> None:
+    s = sub.add_parser("erf", help="effective receptive field of one or more models: heatmaps (PNG) and area "
+                       "ratios (JSON)", description="The gradient of the last stage's central output with "
+                       "respect to the input, aggregated over images (RepLKNet's measurement), drawn side by side "
+                       "for each model, with the high-contribution area ratios at thresholds 0.2, 0.3, 0.5, 0.99.")
+    _analysis_arguments(s, "analysis/erf")
+    s.add_argument("--images", type=int, default=8, help="images to aggregate over (default 8)")
+    s.add_argument("--batch-size", type=int, default=4)
+    s.set_defaults(func=cmd_erf)
+
+
 def cmd_erf(args) -> int:
     from .analysis.common import analysis_images, write_outputs
     from .analysis.erf import effective_receptive_field, plot_erf
@@ -296,6 +442,26 @@ def cmd_erf(args) -> int:
         print(json.dumps(payload, indent=2))
     _report_written("erf", written)
     return 0
+
+
+def add_affinity_parser(sub) -> None:
+    s = sub.add_parser("affinity", help="the affinity matrices of a model's mixers for one image: drawn for a query "
+                       "position, with per-layer statistics across depth", description="Capture A of every spatial "
+                       "mixer (attention, windows, convolutions, pooling, MLPs, Container's mixed A) on one image, "
+                       "draw the rows of a query position over the image, and measure mean distance, entropy, "
+                       "sparsity and the static share per layer.")
+    _analysis_arguments(s, "analysis/affinity")
+    s.add_argument("--image", help="an image file (default: an image of --data or of the run's data, else noise)")
+    s.add_argument("--index", type=int, default=0, help="which validation image of the dataset (default 0)")
+    s.add_argument("--layer", action="append", metavar="L",
+                   help="a mixer's module name or index (repeatable; default: all; `--layer 0 --layer -1`)")
+    s.add_argument("--query", metavar="X,Y", help="the query position in input pixels (default: the centre)")
+    s.add_argument("--groups", type=int, default=4, help="heads/groups drawn per layer (default 4)")
+    s.add_argument("--max-layers", type=int, default=8, help="layers drawn in affinity.png (default 8; the "
+                   "statistics cover all)")
+    s.add_argument("--max-elements", type=int, default=150_000_000,
+                   help="skip layers whose affinity has more elements (default 1.5e8, 0.6 GB)")
+    s.set_defaults(func=cmd_affinity)
 
 
 def cmd_affinity(args) -> int:
@@ -347,6 +513,18 @@ def cmd_affinity(args) -> int:
     return 0
 
 
+def add_robustness_parser(sub) -> None:
+    s = sub.add_parser("robustness", help="top-1 of trained models under occlusion, patch shuffle, noise and other "
+                       "input sizes: table, plot (PNG) and JSON", description="Evaluate each checkpoint on its "
+                       "validation images under random and centre occlusion (0-90%% of a 14x14 patch grid), patch "
+                       "shuffle (grids 2, 4, 8), Gaussian noise and resized inputs, side by side.")
+    _analysis_arguments(s, "analysis/robustness")
+    s.add_argument("--limit", type=int, default=2000, help="validation images to use (the first N; default 2000)")
+    s.add_argument("--grid", type=int, default=14, help="occlusion patch grid (default 14 x 14)")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.set_defaults(func=cmd_robustness)
+
+
 def cmd_robustness(args) -> int:
     from .analysis.common import analysis_images, write_outputs
     from .analysis.robustness import evaluate_robustness, plot_robustness
@@ -388,6 +566,24 @@ def _int_list(text: str, what: str) -> list[int]:
     return values
 
 
+def add_scale_parser(sub) -> None:
+    s = sub.add_parser("scale", help="latency, throughput, peak memory and MACs against input resolution and "
+                       "batch size, with the fitted growth exponent in tokens", description="Build each model at "
+                       "each resolution, time its forward pass (the fastest of --repeats, inference mode), track its "
+                       "peak memory, count its MACs, and fit cost ~ N^p in the number of tokens N.")
+    s.add_argument("models", nargs="*", metavar="MODEL", help="registered names or 'spec:...' strings")
+    s.add_argument("--resolutions", default="64,128,256,512", help="input sizes, comma-separated (default "
+                   "64,128,256,512)")
+    s.add_argument("--batch-sizes", default="1", help="batch sizes, comma-separated (default 1)")
+    s.add_argument("--repeats", type=int, default=5, help="timed forward passes per point (default 5)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a keyword argument of create_model (YAML value; repeatable)")
+    s.add_argument("--out", default="analysis/scale", help="output directory (default analysis/scale)")
+    s.add_argument("--json", action="store_true", help="also print the JSON")
+    s.set_defaults(func=cmd_scale)
+
+
 def cmd_scale(args) -> int:
     from .analysis.common import write_outputs
     from .analysis.scale import measure_scaling, plot_scaling
@@ -424,21 +620,9 @@ def cmd_scale(args) -> int:
     return 0
 
 
-def _analysis_arguments(s, default_out: str, data: bool = True) -> None:
-    s.add_argument("models", nargs="*", metavar="MODEL", help="registered names or 'spec:...' strings")
-    s.add_argument("--checkpoint", action="append", metavar="C",
-                   help="weights for the model in the same position: a run directory, a checkpoint file, a "
-                        ".safetensors/.pth file or hf-hub:org/name (repeatable; default: random initialisation)")
-    if data:
-        s.add_argument("--data", help="images from this dataset's validation split (default: the run's "
-                       "dataset for a run, else Gaussian noise)")
-        s.add_argument("--data-root", help="where the dataset's files are")
-    s.add_argument("--img-size", type=int, help="input size to build the models for (default: their own)")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="a keyword argument of create_model (YAML value; repeatable)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the noise images and of random weights")
-    s.add_argument("--out", default=default_out, help=f"output directory (default {default_out})")
-    s.add_argument("--json", action="store_true", help="also print the JSON")
+#: the commands, in the order `mixlab --help` lists them: each function adds its sub-parser
+COMMANDS = (add_list_parser, add_info_parser, add_train_parser, add_eval_parser, add_arena_parser, add_convert_parser,
+            add_erf_parser, add_affinity_parser, add_robustness_parser, add_scale_parser, add_recipes_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -447,163 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"mixlab {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-
-    s = sub.add_parser("list", help="list registered models (optionally matching a pattern)")
-    s.add_argument("pattern", nargs="?", help="shell-style pattern or substring, e.g. 'swin*' or 'deit'")
-    s.add_argument("--mixers", action="store_true",
-                   help="list the mixers a specification's stages can name, with their options, instead")
-    s.add_argument("--json", action="store_true", help="print JSON")
-    s.set_defaults(func=cmd_list)
-
-    s = sub.add_parser("info", help="parameters, GMACs and per-stage breakdown of a model")
-    s.add_argument("model", help="a registered model name (see `mixlab list`)")
-    s.add_argument("--img-size", type=int, default=None, help="input size (default: the model's own)")
-    s.add_argument("--in-chans", type=int, default=None, help="input channels (default 3)")
-    s.add_argument("--num-classes", type=int, default=None, help="classes of the head (default 1000)")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="a keyword argument of create_model, the value parsed as YAML (repeatable), "
-                        "e.g. --set context=gc --set context_stages=[1,2,3]")
-    s.add_argument("--json", action="store_true", help="print JSON")
-    s.set_defaults(func=cmd_info)
-
-    s = sub.add_parser("train", help="train a model (a YAML config, a recipe, flags and --set overrides)",
-                       description="Train and evaluate a model. Configuration layers: the recipe (default 'basic'), "
-                                   "the YAML file, the flags, then --set section.key=value overrides. Under torchrun "
-                                   "the same command trains with DistributedDataParallel.")
-    s.add_argument("config", nargs="?", help="a YAML configuration file (sections model:, data:, train:, ...)")
-    s.add_argument("--recipe", help="deit | convnext | deit3 | basic, or a YAML path (see `mixlab recipes`)")
-    s.add_argument("--model", help="a registered model name")
-    s.add_argument("--data", help="digits | fashion-mnist | cifar10 | cifar100 | imagefolder")
-    s.add_argument("--data-root", help="where the dataset's files are")
-    s.add_argument("--img-size", type=int, help="input size the model sees (default: the dataset's)")
-    s.add_argument("--epochs", type=int)
-    s.add_argument("--batch-size", type=int, help="per process")
-    s.add_argument("--lr", type=float, help="absolute learning rate")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    s.add_argument("--amp", choices=["none", "bf16", "fp16"])
-    s.add_argument("--compile", action="store_true", help="torch.compile the model")
-    s.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
-    s.add_argument("--output", help="parent directory of runs (default runs/)")
-    s.add_argument("--name", help="run name (default MODEL-DATA)")
-    s.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
-                   help="continue an interrupted run (its directory, or the one this configuration names)")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key, e.g. optimizer.lr=1e-3")
-    s.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
-    s.set_defaults(func=cmd_train)
-
-    s = sub.add_parser("eval", help="evaluate a run directory or checkpoint on its validation data")
-    s.add_argument("run", help="a run directory (uses checkpoints/best.safetensors) or a checkpoint file")
-    s.add_argument("--data", help="another dataset with the same classes")
-    s.add_argument("--data-root")
-    s.add_argument("--ema", action="store_true", help="evaluate the EMA weights of that checkpoint")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_eval)
-
-    s = sub.add_parser("arena", help="train several models under one recipe and seeds; write a comparison report",
-                       description="Train a line-up of models (default: the nano family) under the identical "
-                                   "recipe, data, epochs and seeds, then write a report directory: leaderboard "
-                                   "(Markdown, CSV), plots (PNG) and one self-contained HTML page. Rerunning the "
-                                   "same command skips finished runs and continues an interrupted one.")
-    s.add_argument("models", nargs="*", metavar="MODEL",
-                   help="registered names, 'spec:...' strings or spec .yaml files; 'nano' stands for the nano "
-                        "line-up (the default: eight families), 'nano-zoo' for the nano models of the further "
-                        "families, 'nano-all' for both")
-    s.add_argument("--data", default="digits", help="digits (default, bundled) | fashion-mnist | cifar10 | "
-                   "cifar100 | imagefolder")
-    s.add_argument("--data-root", help="where the dataset's files are")
-    s.add_argument("--epochs", type=int, help="epochs per run (default: 5 on digits, else the recipe's)")
-    s.add_argument("--seeds", type=int, default=1, help="runs per model, with seeds 0..N-1 (default 1)")
-    s.add_argument("--recipe", default="arena", help="the recipe every model trains with (default 'arena')")
-    s.add_argument("--img-size", type=int, help="input size (default: the dataset's, at least 28)")
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key for every run")
-    s.add_argument("--out", help="report directory (default arena/DATA-EPOCHSep-SEEDSseed)")
-    s.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, each with its share of "
-                   "the CPU cores (default 1); small models use several cores poorly, so on a CPU two or more "
-                   "side by side finish sooner; with several GPUs each run gets its own (the recipe and the "
-                   "report are unchanged)")
-    s.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
-    s.add_argument("--report-only", action="store_true", help="train nothing: write the report of the runs that "
-                   "have finished (with the same settings as the arena that ran them)")
-    s.add_argument("--quiet", action="store_true", help="print only the final leaderboard")
-    s.set_defaults(func=cmd_arena)
-
-    s = sub.add_parser("convert", help="convert a checkpoint (mixlab, timm, the authors') to a mixlab .safetensors",
-                       description="Read a checkpoint (a .safetensors / .pth / .pt / .bin / .ckpt file or a Hub id "
-                                   "'hf-hub:org/name'; PyTorch files are read with weights_only=True only), convert "
-                                   "it to the mixlab model's names, load it strictly and write it as safetensors "
-                                   "with its architecture, input size and normalisation as metadata. The result "
-                                   "loads with create_model(MODEL, pretrained=DST).")
-    s.add_argument("src", metavar="SRC", help="the checkpoint: a file or 'hf-hub:org/name[@revision]'")
-    s.add_argument("dst", metavar="DST", help="the output file (*.safetensors)")
-    s.add_argument("--model", required=True, help="the mixlab model the weights are for (see `mixlab list`)")
-    s.add_argument("--img-size", type=int, help="input size to build the model for (position embeddings are "
-                   "resampled; default: the one a mixlab checkpoint records, else the model's own)")
-    s.add_argument("--num-classes", type=int, help="classes of the head (default: the checkpoint's; another number "
-                   "gives a freshly initialised classifier)")
-    s.add_argument("--force", action="store_true", help="overwrite DST if it exists")
-    s.set_defaults(func=cmd_convert)
-
-    s = sub.add_parser("erf", help="effective receptive field of one or more models: heatmaps (PNG) and area "
-                       "ratios (JSON)", description="The gradient of the last stage's central output with "
-                       "respect to the input, aggregated over images (RepLKNet's measurement), drawn side by side "
-                       "for each model, with the high-contribution area ratios at thresholds 0.2, 0.3, 0.5, 0.99.")
-    _analysis_arguments(s, "analysis/erf")
-    s.add_argument("--images", type=int, default=8, help="images to aggregate over (default 8)")
-    s.add_argument("--batch-size", type=int, default=4)
-    s.set_defaults(func=cmd_erf)
-
-    s = sub.add_parser("affinity", help="the affinity matrices of a model's mixers for one image: drawn for a query "
-                       "position, with per-layer statistics across depth", description="Capture A of every spatial "
-                       "mixer (attention, windows, convolutions, pooling, MLPs, Container's mixed A) on one image, "
-                       "draw the rows of a query position over the image, and measure mean distance, entropy, "
-                       "sparsity and the static share per layer.")
-    _analysis_arguments(s, "analysis/affinity")
-    s.add_argument("--image", help="an image file (default: an image of --data or of the run's data, else noise)")
-    s.add_argument("--index", type=int, default=0, help="which validation image of the dataset (default 0)")
-    s.add_argument("--layer", action="append", metavar="L",
-                   help="a mixer's module name or index (repeatable; default: all; `--layer 0 --layer -1`)")
-    s.add_argument("--query", metavar="X,Y", help="the query position in input pixels (default: the centre)")
-    s.add_argument("--groups", type=int, default=4, help="heads/groups drawn per layer (default 4)")
-    s.add_argument("--max-layers", type=int, default=8, help="layers drawn in affinity.png (default 8; the "
-                   "statistics cover all)")
-    s.add_argument("--max-elements", type=int, default=150_000_000,
-                   help="skip layers whose affinity has more elements (default 1.5e8, 0.6 GB)")
-    s.set_defaults(func=cmd_affinity)
-
-    s = sub.add_parser("robustness", help="top-1 of trained models under occlusion, patch shuffle, noise and other "
-                       "input sizes: table, plot (PNG) and JSON", description="Evaluate each checkpoint on its "
-                       "validation images under random and centre occlusion (0-90%% of a 14x14 patch grid), patch "
-                       "shuffle (grids 2, 4, 8), Gaussian noise and resized inputs, side by side.")
-    _analysis_arguments(s, "analysis/robustness")
-    s.add_argument("--limit", type=int, default=2000, help="validation images to use (the first N; default 2000)")
-    s.add_argument("--grid", type=int, default=14, help="occlusion patch grid (default 14 x 14)")
-    s.add_argument("--batch-size", type=int, default=256)
-    s.set_defaults(func=cmd_robustness)
-
-    s = sub.add_parser("scale", help="latency, throughput, peak memory and MACs against input resolution and "
-                       "batch size, with the fitted growth exponent in tokens", description="Build each model at "
-                       "each resolution, time its forward pass (the fastest of --repeats, inference mode), track its "
-                       "peak memory, count its MACs, and fit cost ~ N^p in the number of tokens N.")
-    s.add_argument("models", nargs="*", metavar="MODEL", help="registered names or 'spec:...' strings")
-    s.add_argument("--resolutions", default="64,128,256,512", help="input sizes, comma-separated (default "
-                   "64,128,256,512)")
-    s.add_argument("--batch-sizes", default="1", help="batch sizes, comma-separated (default 1)")
-    s.add_argument("--repeats", type=int, default=5, help="timed forward passes per point (default 5)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="a keyword argument of create_model (YAML value; repeatable)")
-    s.add_argument("--out", default="analysis/scale", help="output directory (default analysis/scale)")
-    s.add_argument("--json", action="store_true", help="also print the JSON")
-    s.set_defaults(func=cmd_scale)
-
-    s = sub.add_parser("recipes", help="list the training recipes, or print one to copy")
-    s.add_argument("name", nargs="?")
-    s.set_defaults(func=cmd_recipes)
+    for add_parser in COMMANDS:
+        add_parser(sub)
     return p
 
 

@@ -34,6 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from ..config import RUN_CONFIG, Config, ConfigError, build_config
 from ..engine.metrics import MetricsLog
@@ -351,7 +352,7 @@ def run_arena(s: ArenaSettings, quiet: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
     try:
-        return _run(s, base, out, quiet, write_report)
+        return ArenaRun(s, base, out, quiet).run(write_report)
     finally:
         lock.close()
 
@@ -367,154 +368,192 @@ def _lock(out: Path):
     return f
 
 
-def _run(s: ArenaSettings, base: Config, out: Path, quiet: bool, write_report) -> dict:
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    shared = _shared_settings(s, base)
-    arena_file = out / ARENA_FILE
-    if arena_file.exists():
-        saved = json.loads(arena_file.read_text())
-        if saved.get("shared") != shared:
-            diff = _first_difference(saved.get("shared", {}), shared)
-            raise ConfigError(f"{out} holds an arena with other settings ({diff}); rerun with the settings it was "
-                              f"started with to continue it, or choose another --out")
-        models = saved["models"] + [m for m in s.models if m not in saved["models"]]
-    else:
-        models = list(s.models)
-    write_atomic(arena_file, json.dumps({"models": models, "shared": shared}, indent=2) + "\n")
+class PlannedRun(NamedTuple):
+    """One (model, seed) training run of an arena."""
 
-    seeds = list(range(s.seeds))
-    runs = out / "runs"
-    speed_file = out / "speed.json"
-    speed_all = json.loads(speed_file.read_text()) if speed_file.exists() else {}
-    failures: dict[str, str] = {}
-    n_total, n_done = len(s.models) * len(seeds), 0
-    say(f"arena: {len(s.models)} models x {len(seeds)} seed(s) on {base.data.name}, {base.train.epochs} epochs, "
-        f"recipe {base.recipe}; report in {out}")
-    t0 = time.time()
-    interrupted = False
+    model: str
+    seed: int
+    dir: Path
+    tag: str  # the prefix of its messages, e.g. "[3/16 nano_vit seed 0]"
 
-    def start(m: str, seed: int, rd: Path, tag: str) -> None:
-        rd.mkdir(parents=True, exist_ok=True)
-        if not (rd / RUN_CONFIG).exists():
-            run_config(base, m, seed).save(rd / RUN_CONFIG)
-        say(f"{tag} training")
 
-    def failed(m: str, seed: int, rd: Path, tag: str, rc: int) -> None:
+class ArenaRun:
+    """One invocation of ``mixlab arena`` on its directory: checks the directory's settings,
+    trains the runs not yet finished in a pool of ``jobs`` child processes (``--jobs 1``: a
+    pool of one), measures each model's speed on an idle machine, and writes the report.
+
+    Speed is measured between runs with one job, after the last run with several (when nothing
+    else is training). A run that fails marks its model failed: its other seeds are not tried.
+    """
+
+    def __init__(self, s: ArenaSettings, base: Config, out: Path, quiet: bool = False):
+        self.s, self.base, self.out, self.quiet = s, base, out, quiet
+        self.seeds = list(range(s.seeds))
+        self.runs = out / "runs"
+        self.speed_file = out / "speed.json"
+        self.speed_all: dict = {}             # speed.json: every model measured in this directory
+        self.failures: dict[str, str] = {}    # model -> why its run failed
+        # the pool: with one job the child keeps PyTorch's choice of threads and sees every GPU, and the
+        # speed is measured between runs; with several each child gets its share of the cores (and its
+        # own GPU where there are several), and the speed is measured after the last run
+        self.between_runs = s.jobs == 1
+        self.threads = child_threads(s.jobs) if s.jobs > 1 else None
+        self.gpus = job_gpus(s.device) if s.jobs > 1 else []
+        self._slots: list[int] = []          # free job slots; slot k runs on GPU gpus[k % len(gpus)]
+        self._queue = iter(())               # the planned runs not yet looked at
+        self._active: dict = {}              # future -> (run, slot)
+        self._running: set = set()           # the child processes
+
+    def say(self, *args) -> None:
+        if not self.quiet:
+            print(*args, flush=True)
+
+    # -- the whole invocation ---------------------------------------------------------------
+    def run(self, write_report) -> dict:
+        """Train, measure, then write the report with ``write_report``; returns what ``run_arena`` does."""
+        s, base, out = self.s, self.base, self.out
+        shared = self.check_settings()
+        self.speed_all = json.loads(self.speed_file.read_text()) if self.speed_file.exists() else {}
+        self.say(f"arena: {len(s.models)} models x {len(self.seeds)} seed(s) on {base.data.name}, "
+                 f"{base.train.epochs} epochs, recipe {base.recipe}; report in {out}")
+        t0 = time.time()
+        interrupted = False
+        try:
+            self.train(self.planned_runs())
+            for m in s.models:  # after the last run: nothing else is training (one job: measured already)
+                if m not in self.failures:
+                    self.measure(m)
+        except KeyboardInterrupt:
+            interrupted = True
+            self.say("\ninterrupted: writing the report of what has finished; rerun the same command to continue")
+        speed = {m: self.speed_all[_speed_key(m, base)] for m in s.models if self.speed_all.get(_speed_key(m, base))}
+        results = [collect(m, self.seeds, self.runs, speed, self.failures) for m in s.models]
+        config = {"models": s.models, "data": base.data.name, "img_size": base.data.img_size,
+                  "epochs": base.train.epochs, "batch_size": base.train.batch_size, "seeds": self.seeds,
+                  "recipe": base.recipe,
+                  "jobs": s.jobs,  # of this invocation; each run's train.log says how many CPU threads it had
+                  "train_config": shared["train_config"],
+                  "command": " ".join(["mixlab", "arena", *sys.argv[2:]]) if sys.argv[1:2] == ["arena"] else None}
+        report = write_report(out, results, config, environment(base.train.device))
+        self.say(f"arena: {time.time() - t0:.0f} s; report: {Path(report['html']).resolve()}")
+        if interrupted:
+            raise KeyboardInterrupt
+        return {"out": str(out), "report": report, "results": results, "failed": sorted(self.failures)}
+
+    def check_settings(self) -> dict:
+        """The settings every run shares; a directory holding an arena with others is refused.
+        ``arena.json`` records them, with the model list (which may grow)."""
+        shared = _shared_settings(self.s, self.base)
+        arena_file = self.out / ARENA_FILE
+        if arena_file.exists():
+            saved = json.loads(arena_file.read_text())
+            if saved.get("shared") != shared:
+                diff = _first_difference(saved.get("shared", {}), shared)
+                raise ConfigError(f"{self.out} holds an arena with other settings ({diff}); rerun with the settings "
+                                  f"it was started with to continue it, or choose another --out")
+            models = saved["models"] + [m for m in self.s.models if m not in saved["models"]]
+        else:
+            models = list(self.s.models)
+        write_atomic(arena_file, json.dumps({"models": models, "shared": shared}, indent=2) + "\n")
+        return shared
+
+    def planned_runs(self) -> list[PlannedRun]:
+        """Every (model, seed), seed-major: a partial arena already has every model once."""
+        n_total = len(self.s.models) * len(self.seeds)
+        planned = []
+        for seed in self.seeds:
+            for m in self.s.models:
+                tag = f"[{len(planned) + 1}/{n_total} {model_label(m)} seed {seed}]"
+                planned.append(PlannedRun(m, seed, self.runs / model_slug(m) / f"seed{seed}", tag))
+        return planned
+
+    # -- one run --------------------------------------------------------------------------------
+    def start(self, run: PlannedRun) -> None:
+        """Create the run's directory and configuration (kept if it exists: the run continues)."""
+        run.dir.mkdir(parents=True, exist_ok=True)
+        if not (run.dir / RUN_CONFIG).exists():
+            run_config(self.base, run.model, run.seed).save(run.dir / RUN_CONFIG)
+        self.say(f"{run.tag} training")
+
+    def failed(self, run: PlannedRun, rc: int) -> None:
         # its other seeds would most likely fail the same way: not tried
         why = "diverged (loss NaN/inf)" if rc == 3 else f"exit status {rc}"
-        failures[m] = f"seed {seed}: {why}; see {rd / 'train.log'}"
-        say(f"{tag} FAILED ({why}); its log ends:\n{_tail(rd / 'train.log')}")
+        self.failures[run.model] = f"seed {run.seed}: {why}; see {run.dir / 'train.log'}"
+        self.say(f"{run.tag} FAILED ({why}); its log ends:\n{_tail(run.dir / 'train.log')}")
 
-    def measure(m: str) -> None:
-        key = _speed_key(m, base)
-        if s.measure_speed and key not in speed_all:  # once per model, on a machine that is not training
-            got = _speed_of(m, runs, seeds, base)
+    def measure(self, model: str) -> None:
+        """Time the model's speed once (kept in speed.json), if a finished run gives its input size."""
+        key = _speed_key(model, self.base)
+        if self.s.measure_speed and key not in self.speed_all:  # once per model, on a machine that is not training
+            got = _speed_of(model, self.runs, self.seeds, self.base)
             if got is not None:  # None: no finished run of the model yet to take the input size from
-                speed_all[key] = got
-                write_atomic(speed_file, json.dumps(speed_all, indent=2) + "\n")
+                self.speed_all[key] = got
+                write_atomic(self.speed_file, json.dumps(self.speed_all, indent=2) + "\n")
 
-    todo = []  # seed-major: a partial arena already has every model once
-    for seed in seeds:
-        for m in s.models:
-            n_done += 1
-            rd = runs / model_slug(m) / f"seed{seed}"
-            todo.append((m, seed, rd, f"[{n_done}/{n_total} {model_label(m)} seed {seed}]"))
-    try:
-        if s.jobs == 1:
-            for m, seed, rd, tag in todo:
-                if m in failures:
-                    continue
-                if (rd / "summary.json").exists():
-                    say(f"{tag} finished earlier, skipped")
-                elif not s.train:
-                    continue
-                else:
-                    start(m, seed, rd, tag)
-                    rc = train_in_child(rd, tag, quiet)
+    # -- the pool -------------------------------------------------------------------------------
+    def train(self, planned: list[PlannedRun]) -> None:
+        """Train the unfinished runs of ``planned`` ``jobs`` at a time, in order (one job: one after
+        the other, each model's speed measured after its run, before the next starts). On an
+        interrupt, the running children are stopped (SIGINT: they keep their last checkpoint) and
+        the interrupt is passed on."""
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        jobs = self.s.jobs
+        self._slots, self._queue, self._active = list(range(jobs)), iter(planned), {}
+        if self.s.train and jobs > 1:
+            self.say(f"arena: {jobs} runs at a time, {self.threads} CPU thread(s) each"
+                     + (f", spread over GPUs {', '.join(self.gpus)}" if self.gpus else ""))
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        try:
+            for _ in range(jobs):
+                self._submit_next(pool)
+            while self._active:
+                done, _ = wait(list(self._active), timeout=1.0, return_when=FIRST_COMPLETED)
+                for f in done:
+                    run, slot = self._active.pop(f)
+                    self._slots.append(slot)
+                    rc = f.result()
                     if rc != 0:
-                        failed(m, seed, rd, tag, rc)
-                        continue
-                measure(m)  # between runs: an idle machine
-        else:
-            _train_side_by_side(s, todo, start, failed, say, quiet, failures)
-            for m in s.models:  # after the last run: nothing else is training
-                if m not in failures:
-                    measure(m)
-    except KeyboardInterrupt:
-        interrupted = True
-        say("\ninterrupted: writing the report of what has finished; rerun the same command to continue")
-    speed = {m: speed_all[_speed_key(m, base)] for m in s.models if speed_all.get(_speed_key(m, base))}
-    results = [collect(m, seeds, runs, speed, failures) for m in s.models]
-    config = {"models": s.models, "data": base.data.name, "img_size": base.data.img_size, "epochs": base.train.epochs,
-              "batch_size": base.train.batch_size, "seeds": seeds, "recipe": base.recipe,
-              "jobs": s.jobs,  # of this invocation; each run's train.log says how many CPU threads it had
-              "train_config": shared["train_config"],
-              "command": " ".join(["mixlab", "arena", *sys.argv[2:]]) if sys.argv[1:2] == ["arena"] else None}
-    report = write_report(out, results, config, environment(base.train.device))
-    say(f"arena: {time.time() - t0:.0f} s; report: {Path(report['html']).resolve()}")
-    if interrupted:
-        raise KeyboardInterrupt
-    return {"out": str(out), "report": report, "results": results, "failed": sorted(failures)}
+                        self.failed(run, rc)
+                    elif rc == 0 and self.between_runs:
+                        self.measure(run.model)  # between runs: an idle machine
+                    self._submit_next(pool)
+        except KeyboardInterrupt:
+            self._stop_children()
+            raise
+        finally:
+            pool.shutdown(wait=True)
 
-
-def _train_side_by_side(s: ArenaSettings, todo: list, start, failed, say, quiet: bool, failures: dict) -> None:
-    """Train the unfinished runs of ``todo`` ``s.jobs`` at a time, in order, each child with its
-    share of the CPU cores. On an interrupt, the running children are stopped (SIGINT: they keep
-    their last checkpoint) and the interrupt is passed on."""
-    import threading
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
-    threads, running, stopping = child_threads(s.jobs), set(), threading.Event()
-    gpus = job_gpus(s.device)
-    slots = list(range(s.jobs))  # job slot k runs on GPU gpus[k % len(gpus)]
-    queue = iter(todo)
-    active: dict = {}
-
-    def submit_next(pool) -> None:
-        for m, seed, rd, tag in queue:
-            if m in failures:
+    def _submit_next(self, pool) -> None:
+        """Start the next run of the queue that is neither finished nor of a failed model."""
+        for run in self._queue:
+            if run.model in self.failures:
                 continue
-            if (rd / "summary.json").exists():
-                say(f"{tag} finished earlier, skipped")
+            if (run.dir / "summary.json").exists():
+                self.say(f"{run.tag} finished earlier, skipped")
+                if self.between_runs:
+                    self.measure(run.model)
                 continue
-            if not s.train:
+            if not self.s.train:
                 continue
-            start(m, seed, rd, tag)
-            slot = slots.pop(0)
-            gpu = gpus[slot % len(gpus)] if gpus else None
-            active[pool.submit(train_in_child, rd, tag, quiet, threads, running, gpu)] = (m, seed, rd, tag, slot)
+            self.start(run)
+            slot = self._slots.pop(0)
+            gpu = self.gpus[slot % len(self.gpus)] if self.gpus else None
+            future = pool.submit(train_in_child, run.dir, run.tag, self.quiet, self.threads, self._running, gpu)
+            self._active[future] = (run, slot)
             return
 
-    if s.train:
-        say(f"arena: {s.jobs} runs at a time, {threads} CPU thread(s) each"
-            + (f", spread over GPUs {', '.join(gpus)}" if gpus else ""))
-    pool = ThreadPoolExecutor(max_workers=s.jobs)
-    try:
-        for _ in range(s.jobs):
-            submit_next(pool)
-        while active:
-            done, _ = wait(list(active), timeout=1.0, return_when=FIRST_COMPLETED)
-            for f in done:
-                m, seed, rd, tag, slot = active.pop(f)
-                slots.append(slot)
-                rc = f.result()
-                if rc != 0 and not stopping.is_set():
-                    failed(m, seed, rd, tag, rc)
-                submit_next(pool)
-    except KeyboardInterrupt:
-        stopping.set()
-        for proc in list(running):  # a Ctrl-C reached them already; a signal to the arena alone did not
+    def _stop_children(self) -> None:
+        """SIGINT to every running child, then up to 30 s for them to end; those left are killed."""
+        for proc in list(self._running):  # a Ctrl-C reached them already; a signal to the arena alone did not
             with contextlib.suppress(OSError):
                 proc.send_signal(signal.SIGINT)
         deadline = time.time() + 30
-        for proc in list(running):
+        for proc in list(self._running):
             with contextlib.suppress(Exception):
                 proc.wait(timeout=max(0.1, deadline - time.time()))
             if proc.poll() is None:
                 proc.kill()
-        raise
-    finally:
-        pool.shutdown(wait=True)
 
 
 def _speed_key(model: str, base: Config) -> str:

@@ -1,4 +1,4 @@
-"""Global context modules for CNNs: channel gates, and the names by which a model inserts them.
+"""Global context modules for CNNs that are channel gates.
 
 The gates here rescale features with a context summary; they are not A·V aggregations
 (outputs are ``x·s(x)``, a product of the input with a gate, not a weighted sum of values):
@@ -14,21 +14,16 @@ context) are mixers and live in :mod:`mixlab.mixers.context`; the Learnable Tree
 :mod:`mixlab.mixers.tree_filter`. Every module takes and returns
 a channels-last (B, H, W, C) map, like the mixers; convolutions see ``x.permute(0, 3, 1, 2)``.
 
-:data:`CONTEXT_MODULES` names them all for ``create_model("resnet50", context=NAME, ...)``
-(see :class:`mixlab.models.resnet.ResNet`), with the placement each paper uses by default.
+:data:`mixlab.mixers.context.CONTEXT_MODULES` names the gates and those blocks for
+``create_model("resnet50", context=NAME, ...)``.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from ..mixers.context import CrissCrossAttention, GlobalContextBlock, NonLocalBlock
-from ..mixers.tree_filter import TreeFilterBlock
 
 
 def _nchw(x: torch.Tensor) -> torch.Tensor:
@@ -158,102 +153,4 @@ class BAM(nn.Module):
         return x * (1 + self.attention(x))
 
 
-# -- names for model options ------------------------------------------------------------------
-PLACEMENTS = ("block", "stage")
-
-
-@dataclass(frozen=True)
-class ContextModuleInfo:
-    """A named context module: its factory ``cls(dim, **kwargs)``, default keyword arguments,
-    and the placement its paper uses in a ResNet ('block': inside every bottleneck, on the
-    residual branch before the addition; 'stage': after the last block of each given stage).
-    ``needs_size``: the module is built for one map size (``feat_size``, its (h, w))."""
-
-    cls: Callable[..., nn.Module]
-    kwargs: dict = field(default_factory=dict)
-    placement: str = "block"
-    stages: tuple = (0, 1, 2, 3)
-    paper: str = ""
-    needs_size: bool = False
-
-    def build(self, dim: int, feat_size=None, **kwargs) -> nn.Module:
-        """The module for ``dim`` channels on maps of ``feat_size`` (h, w); ``kwargs`` override the defaults."""
-        kwargs = {**self.kwargs, **kwargs}
-        if self.needs_size:
-            kwargs["feat_size"] = feat_size
-        return self.cls(dim, **kwargs)
-
-
-#: name -> module; the stages are 0-based (stage 0 = res2/conv2_x ... stage 3 = res5/conv5_x)
-CONTEXT_MODULES: dict[str, ContextModuleInfo] = {
-    "se": ContextModuleInfo(SqueezeExcite, {}, "block", (0, 1, 2, 3), "SE-ResNet: every bottleneck"),
-    "ge": ContextModuleInfo(GatherExcite, {"extent": 0}, "block", (0, 1, 2, 3),
-                            "GE-θ⁻, global extent: every bottleneck"),
-    "ge_theta": ContextModuleInfo(GatherExcite, {"extent": 8, "param": True}, "block", (0, 1, 2, 3),
-                                  "GE-θ, extent 8: every bottleneck"),
-    "ge_theta_global": ContextModuleInfo(GatherExcite, {"extent": 0, "param": True}, "block", (0, 1, 2, 3),
-                                         "GE-θ, global extent: every bottleneck", needs_size=True),
-    "bam": ContextModuleInfo(BAM, {}, "stage", (0, 1, 2), "BAM: after stages 0-2, at the network's "
-                             "'bottlenecks' (before each downsampling)"),
-    "nonlocal": ContextModuleInfo(NonLocalBlock, {}, "stage", (2,), "one non-local block after res4"),
-    "crisscross": ContextModuleInfo(CrissCrossAttention, {"recurrence": 2}, "stage", (1, 2, 3),
-                                    "RCCA (R = 2) after res3, res4, res5 (the seed's Mask R-CNN placement)"),
-    "gc": ContextModuleInfo(GlobalContextBlock, {}, "block", (0, 1, 2, 3), "GC r16: every bottleneck"),
-    "tree_filter": ContextModuleInfo(TreeFilterBlock, {"groups": 16}, "stage", (1, 2, 3),
-                                     "LTF-v2 (16 groups, self-guided) after res3, res4, res5"),
-}
-
-
-@dataclass(frozen=True)
-class ContextSpec:
-    """A resolved model option: which module, in which stages, placed how, with which arguments."""
-
-    name: str
-    stages: tuple
-    placement: str
-    kwargs: dict
-
-    def make(self, dim: int, feat_size=None) -> nn.Module:
-        return CONTEXT_MODULES[self.name].build(dim, feat_size, **self.kwargs)
-
-    def describe(self) -> str:
-        where = "in every block" if self.placement == "block" else "after the stage"
-        return f"{self.name} {where}"
-
-
-def context_spec(name: str | None, stages=None, placement: str | None = None, num_stages: int = 4,
-                 kwargs: dict | None = None) -> ContextSpec | None:
-    """Check a model's context options; None when ``name`` is None (no context module)."""
-    if name is None:
-        if stages is not None or placement is not None or kwargs:
-            raise ValueError("context_stages / context_placement / context_args need a context module: "
-                             f"pass context=one of {', '.join(CONTEXT_MODULES)}")
-        return None
-    key = str(name).lower().replace("-", "_")
-    if key not in CONTEXT_MODULES:
-        raise ValueError(f"unknown context module {name!r}; valid ones: {', '.join(CONTEXT_MODULES)}")
-    info = CONTEXT_MODULES[key]
-    placement = info.placement if placement is None else placement
-    if placement not in PLACEMENTS:
-        raise ValueError(f"unknown context_placement {placement!r}; valid ones: {', '.join(PLACEMENTS)}")
-    if stages is None:
-        stages = info.stages
-    elif isinstance(stages, int):
-        stages = (stages,)
-    out = []
-    for s in stages:
-        if isinstance(s, bool) or not isinstance(s, int):
-            raise ValueError(f"context_stages must be stage indices (ints), got {s!r}")
-        j = s + num_stages if s < 0 else s
-        if not 0 <= j < num_stages:
-            raise ValueError(f"context stage {s} is out of range: this model has {num_stages} stages "
-                             f"(0..{num_stages - 1})")
-        out.append(j)
-    if not out:
-        raise ValueError("context_stages is empty; give at least one stage index")
-    return ContextSpec(key, tuple(sorted(set(out))), placement, {**info.kwargs, **(kwargs or {})})
-
-
-__all__ = ["SqueezeExcite", "GatherExcite", "BAM", "NonLocalBlock", "CrissCrossAttention", "GlobalContextBlock",
-           "TreeFilterBlock",
-           "CONTEXT_MODULES", "ContextModuleInfo", "ContextSpec", "context_spec", "PLACEMENTS"]
+__all__ = ["SqueezeExcite", "GatherExcite", "BAM"]

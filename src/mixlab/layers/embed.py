@@ -5,10 +5,14 @@ stems, which take the NCHW image batch.
 """
 from __future__ import annotations
 
+from functools import partial
+from typing import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .conv_blocks import FusedMBConv, MBConv
 from .helpers import to_2tuple
 
 
@@ -131,3 +135,99 @@ class ConvStem(nn.Module):
         if H % self.stride or W % self.stride:
             raise ValueError(f"input size {H}x{W} is not divisible by the stem's stride {self.stride}")
         return self.convs(x).permute(0, 2, 3, 1)
+
+
+# -- CETNet's convolutional embeddings (Wang et al., "Convolutional Embedding Makes Hierarchical Vision
+# Transformer Stronger", ECCV 2022): CETNet's own, and put into Swin and PVT with conv_embed=True
+CONV_EMBED_BLOCKS = ("mbconv", "fused")
+
+
+def _per_block(value, depth: int, what: str) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * depth
+    if len(values) != depth:
+        raise ValueError(f"{what} has {len(values)} entries for {depth} blocks; give one per block or a single value")
+    return values
+
+
+class ConvolutionalEmbedding(nn.Module):
+    """CETNet's convolutional embedding (CE): a few MBConv (or Fused-MBConv) blocks, the first
+    with ``stride``, then a 1x1 convolution to ``out_chs`` and a LayerNorm.
+
+    Arguments:
+        in_chs, out_chs: input and output widths.
+        stride: the first block's stride (2 between stages: the resolution halves, rounding up).
+        depth: number of conv blocks (CETNet: 2, strides ``stride`` then 1).
+        block: 'mbconv' (S2-S4 of CETNet) or 'fused' (the stem's Fused-MBConv).
+        expansion: hidden expansion ratio of each block (a number, or one per block; 1 or 2 in CETNet).
+        mid_chs: the blocks' width (default ``in_chs``: the blocks keep the width, the 1x1
+            convolution "matches the channels").
+        project: False leaves out the 1x1 convolution and the norm (CETNet's S0); then the blocks
+            end at ``out_chs``.
+        act_layer: the blocks' activation (SiLU, EfficientNetV2's); norm_layer: the output norm.
+        nchw_input: take an NCHW batch (a stem) instead of a channels-last map.
+
+    Channels-last (B, H, W, C) in (unless ``nchw_input``), channels-last (B, ceil(H/s), ceil(W/s),
+    out_chs) out; any input size works (3x3 convolutions with padding 1).
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 2, depth: int = 2, block: str = "mbconv",
+                 expansion: float | Sequence[float] = 2.0, mid_chs: int | None = None, project: bool = True,
+                 act_layer=nn.SiLU, norm_layer=partial(nn.LayerNorm, eps=1e-5), nchw_input: bool = False):
+        super().__init__()
+        if block not in CONV_EMBED_BLOCKS:
+            raise ValueError(f"block must be one of {CONV_EMBED_BLOCKS}, got {block!r}")
+        if depth < 1:
+            raise ValueError(f"a convolutional embedding needs depth >= 1, got {depth}")
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        mid = (mid_chs or in_chs) if project else out_chs
+        cls = MBConv if block == "mbconv" else FusedMBConv
+        exps = _per_block(expansion, depth, "expansion")
+        self.stride = stride
+        self.nchw_input = nchw_input
+        self.blocks = nn.Sequential(*[cls(in_chs if i == 0 else mid, mid, stride if i == 0 else 1, exps[i], act_layer)
+                                      for i in range(depth)])
+        self.proj = nn.Conv2d(mid, out_chs, 1) if project else nn.Identity()
+        self.norm = norm_layer(out_chs) if project and norm_layer else nn.Identity()
+
+    def forward_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks and the 1x1 projection on an NCHW map (no norm)."""
+        return self.proj(self.blocks(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.nchw_input:
+            x = x.permute(0, 3, 1, 2)
+        return self.norm(self.forward_nchw(x).permute(0, 2, 3, 1))
+
+
+class CETNetStem(nn.Module):
+    """CETNet's convolutional stem, S0 + S1's CE (stride 4, NCHW in, channels-last out):
+    S0: Fused-MBConv (stride 2, ``in_chans`` -> ``stem_chs``, expansion ``expansions[0]``),
+    Fused-MBConv (stride 1); S1's CE: Fused-MBConv (stride 2), Fused-MBConv (stride 1),
+    1x1 conv to ``embed_dim``, LayerNorm."""
+
+    def __init__(self, in_chans: int, stem_chs: int, embed_dim: int, expansions=(1, 1, 2, 2), act_layer=nn.SiLU,
+                 norm_layer=partial(nn.LayerNorm, eps=1e-5)):
+        super().__init__()
+        if len(expansions) != 4:
+            raise ValueError(f"the stem has 4 Fused-MBConvs: give 4 expansion ratios, got {tuple(expansions)}")
+        self.s0 = ConvolutionalEmbedding(in_chans, stem_chs, 2, 2, "fused", tuple(expansions[:2]), project=False,
+                                         act_layer=act_layer, nchw_input=True)
+        self.s1 = ConvolutionalEmbedding(stem_chs, embed_dim, 2, 2, "fused", tuple(expansions[2:]),
+                                         act_layer=act_layer, norm_layer=norm_layer, nchw_input=True)
+        self.stride = 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.s1(self.s0.forward_nchw(x))
+
+
+def cetnet_embed_layer(in_chs: int, out_chs: int, stride: int, stage_index: int) -> nn.Module:
+    """CETNet's embeddings as a stage-embedding factory (``PVT(embed_layer=...)``, which
+    ``PVT(conv_embed=True)`` uses): the convolutional stem for the first stage (stride 4, width
+    ``out_chs // 2`` inside), a convolutional embedding (two MBConvs, stride 2) for the others;
+    NCHW in, channels-last out."""
+    if stage_index == 0:
+        if stride != 4:
+            raise ValueError(f"CETNet's convolutional stem has stride 4; the first embedding asks for {stride}")
+        return CETNetStem(in_chs, max(1, out_chs // 2), out_chs)
+    return ConvolutionalEmbedding(in_chs, out_chs, stride, 2, "mbconv", 2.0, nchw_input=True)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .window import WindowAttention
+from .window import AttentionInputs, WindowAttention
 
 CONV_SCOPES = ("window", "map")
 
@@ -82,32 +82,35 @@ class LEWinAttention(WindowAttention):
         t = getattr(self, f"conv_{which}")(t).permute(0, 2, 3, 1)
         return getattr(self, f"proj_{which}")(t)
 
-    def _qkv_windows(self, x: torch.Tensor):
-        """q, k, v as windows (B, nW, n, C) and the layout (win, shift, padded size, ids, mask)."""
+    def _qkv_windows(self, x: torch.Tensor) -> AttentionInputs:
+        """q, k, v as windows (B, nW, n, C), before the split into heads, and the layout (no bias yet)."""
         B, C = x.shape[0], x.shape[-1]
         if self.conv_scope == "map":
             xm = x.permute(0, 3, 1, 2)
             qkv = torch.cat([self._project(xm, w) for w in "qkv"], dim=-1)  # (B, H, W, 3C)
-            qkvw, win, shift, padded, ids, mask = self._windows(qkv)
+            qkvw, layout = self._windows(qkv)
             q, k, v = qkvw.split(C, dim=-1)
-            return q, k, v, win, shift, padded, ids, mask
-        xw, win, shift, padded, ids, mask = self._windows(x)
+            return AttentionInputs(q, k, v, layout)
+        xw, layout = self._windows(x)
         nW, n = xw.shape[1:3]
+        win = layout.window
         xw_map = xw.reshape(B * nW, win[0], win[1], C).permute(0, 3, 1, 2)
         q, k, v = (self._project(xw_map, w).reshape(B, nW, n, C) for w in "qkv")
-        return q, k, v, win, shift, padded, ids, mask
+        return AttentionInputs(q, k, v, layout)
 
-    def _attention_inputs(self, x: torch.Tensor):
-        q, k, v, win, shift, padded, ids, mask = self._qkv_windows(x)
-        B, nW, n, _ = q.shape
-        q, k, v = (t.view(B, nW, n, self.num_heads, self.head_dim).transpose(2, 3) for t in (q, k, v))
-        return q, k, v, self._window_bias(x, win, shift, padded, mask).to(q.dtype), win, shift, padded, ids
+    def _attention_inputs(self, x: torch.Tensor) -> AttentionInputs:
+        windows = self._qkv_windows(x)
+        B, nW, n, _ = windows.q.shape
+        q, k, v = (t.view(B, nW, n, self.num_heads, self.head_dim).transpose(2, 3)
+                   for t in (windows.q, windows.k, windows.v))
+        return AttentionInputs(q, k, v, windows.layout, self._window_bias(x, windows.layout).to(q.dtype))
 
     def values(self, x: torch.Tensor) -> torch.Tensor:
         """V after its convolutional projection, (B, N, C) in the map's row-major order."""
         B, H, W, C = x.shape
-        _, _, v, _, _, _, ids, _ = self._qkv_windows(x)
-        ids = ids.to(x.device).reshape(-1)
+        windows = self._qkv_windows(x)
+        v = windows.v
+        ids = windows.layout.ids.to(x.device).reshape(-1)
         keep = ids >= 0
         V = v.new_zeros(B, H * W, C)
         V[:, ids[keep]] = v.reshape(B, -1, C)[:, keep]

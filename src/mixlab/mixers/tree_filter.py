@@ -153,7 +153,7 @@ class TreeFilterBlock(TreeFilterMixer):
 
     The authors guide the tree of the filter after stage s with the stage's *input*
     (``guide_dim`` = its channels, pooled to the output's size); a context module of
-    :data:`mixlab.layers.context.CONTEXT_MODULES` sees only the stage output, so by default the
+    :data:`mixlab.mixers.context.CONTEXT_MODULES` sees only the stage output, so by default the
     guide is ``x`` itself (``guide_dim=None``), which costs ``dim/2·groups`` more parameters
     per module than the authors' guide layer.
     """

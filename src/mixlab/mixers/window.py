@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -62,6 +63,27 @@ def _layout(H: int, W: int, wh: int, ww: int, sh: int, sw: int):
     return ids_w, mask
 
 
+class WindowLayout(NamedTuple):
+    """How a map is cut into windows (see ``_window_layout``)."""
+
+    window: tuple[int, int]     # the effective window (smaller than the configured one on a small map)
+    shift: tuple[int, int]      # the cyclic shift (0 along a side no larger than the window)
+    padded: tuple[int, int]     # (Hp, Wp): the map padded to window multiples
+    ids: torch.Tensor           # (nW, n): each window slot's flat index in the unpadded map, -1 for padding
+    mask: torch.Tensor          # (nW, n, n): 0 or -inf, the shift and padding mask (on the CPU)
+
+
+class AttentionInputs(NamedTuple):
+    """Queries, keys and values per window, (B, nW, heads, n, d), the window layout they were cut
+    with, and the additive bias of the logits ((1 or nW), heads, n, n; None where not made yet)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    layout: WindowLayout
+    bias: torch.Tensor | None = None
+
+
 class WindowAttention(Mixer):
     """Multi-head self-attention inside non-overlapping windows, with a learned relative
     position bias, optional cyclic shift (shifted-window blocks) and any input size:
@@ -109,7 +131,7 @@ class WindowAttention(Mixer):
         n = win[0] * win[1]
         return self.relative_position_bias_table[index.reshape(-1)].view(n, n, -1).permute(2, 0, 1)
 
-    def _windows(self, x: torch.Tensor):
+    def _windows(self, x: torch.Tensor) -> tuple[torch.Tensor, WindowLayout]:
         """Pad, shift and partition: returns windows (B, nW, n, C) and the layout."""
         B, H, W, C = x.shape
         win, shift = self.window_and_shift(H, W)
@@ -120,26 +142,28 @@ class WindowAttention(Mixer):
         if any(shift):
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
         x = x.view(B, Hp // win[0], win[0], Wp // win[1], win[1], C).permute(0, 1, 3, 2, 4, 5)
-        return x.reshape(B, -1, win[0] * win[1], C), win, shift, (Hp, Wp), ids, mask
+        return x.reshape(B, -1, win[0] * win[1], C), WindowLayout(win, shift, (Hp, Wp), ids, mask)
 
-    def _attention_inputs(self, x: torch.Tensor):
-        xw, win, shift, padded, ids, mask = self._windows(x)
+    def _attention_inputs(self, x: torch.Tensor) -> AttentionInputs:
+        xw, layout = self._windows(x)
         B, nW, n, C = xw.shape
         qkv = self.qkv(xw).view(B, nW, n, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
         q, k, v = qkv.unbind(0)  # (B, nW, heads, n, d)
-        return q, k, v, self._window_bias(x, win, shift, padded, mask).to(q.dtype), win, shift, padded, ids
+        return AttentionInputs(q, k, v, layout, self._window_bias(x, layout).to(q.dtype))
 
-    def _window_bias(self, x: torch.Tensor, win, shift, padded, mask) -> torch.Tensor:
+    def _window_bias(self, x: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
         """The relative position bias, (1, heads, n, n), plus the shift/padding mask where windows
         are shifted or padded, (nW, heads, n, n)."""
-        bias = self._bias(win).unsqueeze(0)
-        if any(shift) or padded != tuple(x.shape[1:3]):
-            bias = bias + mask.to(device=x.device, dtype=bias.dtype).unsqueeze(1)
+        bias = self._bias(layout.window).unsqueeze(0)
+        if any(layout.shift) or layout.padded != tuple(x.shape[1:3]):
+            bias = bias + layout.mask.to(device=x.device, dtype=bias.dtype).unsqueeze(1)
         return bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        q, k, v, bias, win, shift, (Hp, Wp), _ = self._attention_inputs(x)
+        inputs = self._attention_inputs(x)
+        q, k, v, bias = inputs.q, inputs.k, inputs.v, inputs.bias
+        win, shift, (Hp, Wp) = inputs.layout.window, inputs.layout.shift, inputs.layout.padded
         nW, heads, n, d = q.shape[1:]
         # 4-D inputs, the layout PyTorch's fused attention kernels take. With one mask per
         # window (shifted or padded maps), windows x heads form the head axis, so that the
@@ -161,9 +185,9 @@ class WindowAttention(Mixer):
 
     def affinity(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        q, k, _, bias, _, _, _, ids = self._attention_inputs(x)
-        attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B, nW, h, n, n)
-        ids = ids.to(x.device)
+        inputs = self._attention_inputs(x)
+        attn = ((inputs.q * self.scale) @ inputs.k.transpose(-2, -1) + inputs.bias).softmax(dim=-1)  # (B, nW, h, n, n)
+        ids = inputs.layout.ids.to(x.device)
         N = H * W
         A = attn.new_zeros(B, self.num_heads, N, N)
         for w in range(ids.shape[0]):  # analysis path: one scatter per window

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from ..layers.conv_blocks import init_conv_fan_out
 from ..layers.helpers import to_2tuple
 
 
@@ -119,6 +120,13 @@ def init_weights_vit(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def init_weights_cetnet(module: nn.Module) -> None:
+    """CETNet's rule (also for its convolutional embeddings in Swin and PVT): linear layers as ViT/Swin
+    (truncated normal 0.02), convolutions as EfficientNet (He normal, fan-out)."""
+    init_weights_vit(module)
+    init_conv_fan_out(module)
 
 
 class MixlabModel(nn.Module):

@@ -19,10 +19,11 @@ import torch
 import torch.nn as nn
 
 from ..layers import ClassifierHead, ResNetStem, stochastic_depth_rates, to_2tuple
+from ..layers.conv_blocks import ResidualConvBlock
 from ..mixers.bot import BottleneckAttention
 from ..registry import register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build
-from .resnet import Bottleneck, _ResidualConvBlock
+from .resnet import Bottleneck
 
 __all__ = ["BoTBlock", "BoTNet", "SmallStem", "botnet50", "nano_botnet"]
 
@@ -32,11 +33,11 @@ def _half(grid) -> tuple[int, int]:
     return (grid[0] + 1) // 2, (grid[1] + 1) // 2
 
 
-class BoTBlock(_ResidualConvBlock):
+class BoTBlock(ResidualConvBlock):
     """A bottleneck whose 3x3 convolution is BoTNet's MHSA: 1x1 reduce, MHSA (on the
     ``grid_size`` map the block receives), 2x2 average pool when ``stride`` is 2 (ceil mode:
     odd maps give ceil(H/2), like the strided shortcut), 1x1 expand (x4), BatchNorm after each.
-    NHWC in and out (:class:`~mixlab.models.resnet._ResidualConvBlock`)."""
+    NHWC in and out (:class:`~mixlab.layers.conv_blocks.ResidualConvBlock`)."""
 
     expansion = 4
     fuse_pairs = (("conv1", "bn1"), ("conv3", "bn3"))

@@ -33,7 +33,8 @@ Two configurations, both from ``timm/models/maxxvit.py`` (timm 1.0.31, read loca
   the input's, widened in ``proj``; depths 2-3-7-2, stem 32-64; a final LayerNorm then
   pooling and classifier. 27.44M, 4.42 GMACs (timm: 27.44M / 4.41).
 
-Feature maps are channels-last between blocks; the MBConv block works on its NCHW view.
+Feature maps are channels-last between blocks; the MBConv block
+(:class:`mixlab.layers.conv_blocks.MBConvBlock`) works on its NCHW view.
 Downsampling rounds up (3x3/2 convolutions and 2x2 pooling with ``ceil_mode``), equal to
 timm's for every even size, so the model takes any input size. The relative bias tables are
 built for the stage grids at ``img_size``; on another grid they are resampled bicubically.
@@ -45,98 +46,13 @@ import torch
 import torch.nn as nn
 
 from ..layers import ClassifierHead, DropPath, Mlp, stochastic_depth_rates, to_2tuple
+from ..layers.conv_blocks import MBCONV_VARIANTS, STRIDE_MODES, MBConvBlock, avg_pool_2x2, init_conv_fan_out
 from ..mixers.rel_attention import RelativeAttention
 from ..registry import register_layout, register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build, init_weights_vit
 from .blocks import MetaBlock
 
-__all__ = ["CoAtNet", "MBConvBlock", "RelAttnBlock", "SqueezeExcite", "TIMM_RULES"]
-
-VARIANTS = ("paper", "rw")
-#: where an MBConv block's stride 2 goes: its first 1x1 conv (the paper), the depthwise conv, a pooling first
-STRIDE_MODES = ("1x1", "dw", "pool")
-
-
-def _make_divisible(v: float, divisor: int = 8) -> int:
-    """timm's ``make_divisible`` (round to a multiple of 8, never below 90% of ``v``)."""
-    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
-    return new + divisor if new < 0.9 * v else new
-
-
-def _pool() -> nn.AvgPool2d:
-    # 2x2 average pooling; ceil_mode only matters for odd sizes (timm floors, and then fails on its
-    # bias table), where the last window averages the positions it covers
-    return nn.AvgPool2d(2, 2, ceil_mode=True)
-
-
-class SqueezeExcite(nn.Module):
-    """Squeeze-excitation on an NCHW map: ``x · sigmoid(fc2(act(fc1(mean(x)))))`` (1x1 convs)."""
-
-    def __init__(self, chs: int, rd_chs: int, act_layer=nn.SiLU):
-        super().__init__()
-        self.fc1 = nn.Conv2d(chs, rd_chs, 1)
-        self.act = act_layer()
-        self.fc2 = nn.Conv2d(rd_chs, chs, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))).sigmoid()
-
-
-class MBConvBlock(nn.Module):
-    """CoAtNet's pre-norm MBConv block on a channels-last map (see the module docstring for
-    the two variants): shortcut + conv3(SE(act(BN(dw3x3(act(BN(conv1(BN(x))))))))).
-
-    The shortcut is the identity, or (stride 2) 2x2 average pooling and / or (new width) a
-    1x1 convolution. ``fuse()`` folds the BatchNorms that follow a convolution directly.
-    """
-
-    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, variant: str = "paper", expand_ratio: float = 4.0,
-                 se_ratio: float = 0.25, drop_path: float = 0.0, stride_mode: str = "1x1"):
-        super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown CoAtNet variant {variant!r}; use one of {VARIANTS}")
-        if stride_mode not in STRIDE_MODES:
-            raise ValueError(f"unknown stride_mode {stride_mode!r}; use one of {STRIDE_MODES}")
-        if stride not in (1, 2):
-            raise ValueError(f"stride must be 1 or 2, got {stride}")
-        rw = variant == "rw"
-        act = nn.SiLU if rw else nn.GELU
-        mid = _make_divisible((in_chs if rw else out_chs) * expand_ratio)
-        bias = not rw
-        self.stride = stride
-        self.shortcut = nn.Sequential()
-        if stride == 2:
-            self.shortcut.add_module("pool", _pool())
-        if in_chs != out_chs:
-            self.shortcut.add_module("expand", nn.Conv2d(in_chs, out_chs, 1, bias=bias))
-        self.pre_norm = nn.BatchNorm2d(in_chs)
-        self.pre_act = act() if rw else nn.Identity()
-        s1, s2 = (stride, 1) if stride_mode == "1x1" else (1, stride) if stride_mode == "dw" else (1, 1)
-        self.down = _pool() if stride_mode == "pool" and stride == 2 else nn.Identity()
-        self.conv1 = nn.Conv2d(in_chs, mid, 1, s1, bias=False)
-        self.norm1 = nn.BatchNorm2d(mid)
-        self.act1 = act()
-        self.conv2 = nn.Conv2d(mid, mid, 3, s2, 1, groups=mid, bias=False)
-        self.se_first = rw  # SE between the depthwise conv and its BatchNorm (timm's `se_early`)
-        self.se = SqueezeExcite(mid, int(se_ratio * (mid if rw else out_chs)), nn.ReLU if rw else nn.SiLU)
-        self.norm2 = nn.BatchNorm2d(mid)
-        self.act2 = act()
-        self.conv3 = nn.Conv2d(mid, out_chs, 1, bias=bias)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.fuse_pairs = (("conv1", "norm1"),) + ((("conv2", "norm2"),) if not rw else ())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 3, 1, 2)
-        shortcut = self.shortcut(x)
-        x = self.down(self.pre_act(self.pre_norm(x)))
-        x = self.act1(self.norm1(self.conv1(x)))
-        x = self.conv2(x)
-        if self.se_first:
-            x = self.act2(self.norm2(self.se(x)))
-        else:
-            x = self.se(self.act2(self.norm2(x)))
-        x = self.drop_path(self.conv3(x)) + shortcut
-        return x.permute(0, 2, 3, 1)
+__all__ = ["CoAtNet", "RelAttnBlock", "TIMM_RULES"]
 
 
 class _Shortcut(nn.Module):
@@ -145,7 +61,7 @@ class _Shortcut(nn.Module):
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, bias: bool):
         super().__init__()
-        self.pool = _pool() if stride == 2 else None
+        self.pool = avg_pool_2x2() if stride == 2 else None
         self.expand = nn.Linear(in_chs, out_chs, bias=bias) if in_chs != out_chs else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +75,7 @@ class _Pool(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.pool = _pool()
+        self.pool = avg_pool_2x2()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -174,8 +90,8 @@ class RelAttnBlock(nn.Module):
     def __init__(self, dim: int, dim_out: int, grid_size, stride: int = 1, variant: str = "paper", head_dim: int = 32,
                  mlp_ratio: float = 4.0, drop: float = 0.0, drop_path: float = 0.0, eps: float = 1e-6):
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown CoAtNet variant {variant!r}; use one of {VARIANTS}")
+        if variant not in MBCONV_VARIANTS:
+            raise ValueError(f"unknown CoAtNet variant {variant!r}; use one of {MBCONV_VARIANTS}")
         if stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {stride}")
         rw = variant == "rw"
@@ -235,15 +151,6 @@ def _down(size: int, stride: int) -> int:
     return -(-size // stride)
 
 
-def _init_conv(m: nn.Module) -> None:
-    """EfficientNet-style conv init (timm's CoAtNet conv blocks): N(0, sqrt(2 / fan_out))."""
-    if isinstance(m, nn.Conv2d):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        nn.init.normal_(m.weight, 0, (2.0 / fan_out) ** 0.5)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-
 class CoAtNet(HierarchicalModel):
     """CoAtNet: stem S0, then stages of MBConv (``'C'``) or relative-attention transformer
     (``'T'``) blocks, each stage's first block downsampling by ``strides[i]`` (2 in the paper;
@@ -269,8 +176,8 @@ class CoAtNet(HierarchicalModel):
             raise ValueError(f"block_types are 'C' (MBConv) or 'T' (relative attention), got {block_types}")
         if any(s not in (1, 2) for s in strides):
             raise ValueError(f"strides must be 1 or 2, got {strides}")
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown CoAtNet variant {variant!r}; use one of {VARIANTS}")
+        if variant not in MBCONV_VARIANTS:
+            raise ValueError(f"unknown CoAtNet variant {variant!r}; use one of {MBCONV_VARIANTS}")
         if stride_mode not in STRIDE_MODES:
             raise ValueError(f"unknown stride_mode {stride_mode!r}; use one of {STRIDE_MODES}")
         stem_w = to_2tuple(stem_width)
@@ -308,7 +215,7 @@ class CoAtNet(HierarchicalModel):
         # every downsampling rounds up: any input size runs (below 16 the attention stages see one position)
         self.min_input_size = 16
         self.variant = variant
-        self.apply(_init_conv)
+        self.apply(init_conv_fan_out)  # EfficientNet-style, as timm's CoAtNet conv blocks
         self.apply(init_weights_vit)
 
     def reset_classifier(self, num_classes: int, pool: str | None = None) -> None:

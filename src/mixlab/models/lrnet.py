@@ -21,18 +21,18 @@ import torch
 import torch.nn as nn
 
 from ..layers import ClassifierHead, stochastic_depth_rates
+from ..layers.conv_blocks import ResidualConvBlock
 from ..mixers.local_relation import LocalRelation
 from ..registry import register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build
-from .resnet import _ResidualConvBlock
 
 __all__ = ["LRBlock", "LRStem", "LRNet", "lrnet_50", "nano_lrnet"]
 
 
-class LRBlock(_ResidualConvBlock):
+class LRBlock(ResidualConvBlock):
     """A bottleneck whose 3x3 convolution is a local relation layer: 1x1 (in -> planes), LR
     k x k (stride here), 1x1 (planes -> out_chs), BatchNorm after each, ReLU, residual.
-    NHWC in and out (:class:`~mixlab.models.resnet._ResidualConvBlock`)."""
+    NHWC in and out (:class:`~mixlab.layers.conv_blocks.ResidualConvBlock`)."""
 
     fuse_pairs = (("conv1", "bn1"), ("conv3", "bn3"))
 

@@ -47,9 +47,10 @@ import torch
 import torch.nn as nn
 
 from ..layers import AbsolutePosEmbed, ClassifierHead, PatchEmbed, stochastic_depth_rates
+from ..layers.embed import cetnet_embed_layer
 from ..mixers.sra import SpatialReductionAttention
 from ..registry import register_layout, register_model, register_spec_mixer
-from .base import MixlabModel, build, init_weights_vit, patch_grid
+from .base import MixlabModel, build, init_weights_cetnet, init_weights_vit, patch_grid
 from .blocks import MetaBlock
 
 __all__ = ["PVT", "PVTPatchEmbed", "PVTStage", "AUTHORS_RULES"]
@@ -131,7 +132,7 @@ class PVT(MixlabModel):
 
     ``global_pool``: 'token' (the class token, the paper's) or 'avg' (the grid tokens);
     ``embed_layer``: see the module docstring (None: the paper's embedding); ``conv_embed=True``:
-    CETNet's convolutional stem and embeddings (:func:`mixlab.models.cetnet.cetnet_embed_layer`,
+    CETNet's convolutional stem and embeddings (:func:`mixlab.layers.embed.cetnet_embed_layer`,
     the CETNet paper's experiment of putting its embedding into PVT).
     """
 
@@ -148,7 +149,6 @@ class PVT(MixlabModel):
             if patch_size != 4:
                 raise ValueError(f"conv_embed=True uses CETNet's stride-4 convolutional stem: patch_size must be 4, "
                                  f"got {patch_size}")
-            from .cetnet import cetnet_embed_layer
             embed_layer = cetnet_embed_layer
         n = len(depths)
         lists = dict(embed_dims=embed_dims, num_heads=num_heads, mlp_ratios=mlp_ratios, sr_ratios=sr_ratios)
@@ -201,7 +201,6 @@ class PVT(MixlabModel):
         self.apply(init_weights_vit)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         if conv_embed:
-            from .cetnet import init_weights_cetnet
             for stage in self.stages:
                 stage.embed.apply(init_weights_cetnet)
 

@@ -9,8 +9,9 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from ..layers import ClassifierHead, DropPath, ResNetStem, stochastic_depth_rates
-from ..layers.context import context_spec
+from ..layers import ClassifierHead, ResNetStem, stochastic_depth_rates
+from ..layers.conv_blocks import ResidualConvBlock
+from ..mixers.context import context_spec
 from ..registry import IMAGENET_MEAN_STD, register_default_weights, register_layout, register_model
 from .base import HierarchicalModel, Stage, build
 
@@ -26,39 +27,9 @@ class _ContextStage(Stage):
         return self.context(super().forward(x))
 
 
-class _ResidualConvBlock(nn.Module):
-    """What ResNet's blocks share: ``relu(branch(x) + shortcut(x))`` with a projection
-    shortcut (1x1 conv + BN) when the block changes shape, stochastic depth on the branch,
-    and the layout: channels-last in and out, the convolutions on the NCHW view.
-    ``context(out_chs)``, if given, makes a context module applied to the branch's output
-    before the residual addition (where SE and GC blocks go; channels-last in and out)."""
-
-    def _add_residual(self, in_chs: int, out_chs: int, stride: int, drop_path: float, context=None) -> None:
-        # called after the branch's layers are made: the order in which modules are created is
-        # the order in which they draw their initial weights
-        self.context = context(out_chs) if context is not None else None
-        self.act = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or in_chs != out_chs:
-            self.downsample = nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(out_chs))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def branch(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 3, 1, 2)
-        shortcut = x if self.downsample is None else self.downsample(x)
-        y = self.branch(x)
-        if self.context is not None:
-            y = self.context(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return self.act(self.drop_path(y) + shortcut).permute(0, 2, 3, 1)
-
-
-class BasicBlock(_ResidualConvBlock):
+class BasicBlock(ResidualConvBlock):
     """ResNet-18/34's block: two 3x3 convolutions with BatchNorm (the first strides), ReLU;
-    ``context``: see :class:`_ResidualConvBlock`."""
+    ``context``: see :class:`~mixlab.layers.conv_blocks.ResidualConvBlock`."""
 
     expansion = 1
     fuse_pairs = (("conv1", "bn1"), ("conv2", "bn2"))  # see mixlab.layers.fuse
@@ -76,9 +47,9 @@ class BasicBlock(_ResidualConvBlock):
         return self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
 
 
-class Bottleneck(_ResidualConvBlock):
+class Bottleneck(ResidualConvBlock):
     """1x1 reduce, 3x3 (stride here, ResNet v1.5), 1x1 expand (x4), each with BatchNorm;
-    ``context``: see :class:`_ResidualConvBlock`."""
+    ``context``: see :class:`~mixlab.layers.conv_blocks.ResidualConvBlock`."""
 
     expansion = 4
     fuse_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
@@ -104,7 +75,7 @@ class ResNet(HierarchicalModel):
     """ResNet with bottleneck blocks: 7x7/2 stem + max pool, four stages (the first block
     of stages 2-4 strides by 2), global average pooling, classifier.
 
-    Global context modules (:mod:`mixlab.layers.context`: se, ge, ge_theta, ge_theta_global,
+    Global context modules (:data:`mixlab.mixers.context.CONTEXT_MODULES`: se, ge, ge_theta, ge_theta_global,
     bam, nonlocal, crisscross, gc, tree_filter) are inserted with ``context=NAME``; ``context_stages`` (0-based stage
     indices, default: the module's paper placement), ``context_placement`` ('block': inside
     every bottleneck of those stages, before the residual addition; 'stage': after the last

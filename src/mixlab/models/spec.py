@@ -175,7 +175,7 @@ def _check_stage(i: int, st: dict) -> dict:
         raise SpecError(f"stage {i} ({mixer}): pos {pos!r} is not one of {', '.join(POS)}")
     context = st.get("context", "none")
     if context != "none":
-        from ..layers.context import CONTEXT_MODULES
+        from ..mixers.context import CONTEXT_MODULES
         if context not in CONTEXT_MODULES:
             raise SpecError(f"stage {i} ({mixer}): context {context!r} is not one of none, "
                             f"{', '.join(CONTEXT_MODULES)}")
@@ -258,7 +258,7 @@ class SpecNet(HierarchicalModel):
             ratio = st["mlp_ratio"] or default_ratio
             make = None
             if st["context"] != "none":
-                from ..layers.context import CONTEXT_MODULES
+                from ..mixers.context import CONTEXT_MODULES
 
                 def make(dim, info_ctx=CONTEXT_MODULES[st["context"]], grid=grid):
                     contexts.append(info_ctx.build(dim, grid))

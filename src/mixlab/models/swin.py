@@ -9,10 +9,11 @@ from functools import partial
 import torch.nn as nn
 
 from ..layers import ClassifierHead, PatchEmbed, PatchMerging, stochastic_depth_rates
+from ..layers.embed import CETNetStem, ConvolutionalEmbedding
 from ..mixers import WindowAttention
 from ..registry import (IMAGENET_MEAN_STD, register_architecture_kwargs, register_default_weights, register_layout,
                         register_model)
-from .base import HierarchicalModel, Stage, build, init_weights_vit
+from .base import HierarchicalModel, Stage, build, init_weights_cetnet, init_weights_vit
 from .blocks import MetaBlock
 
 
@@ -25,7 +26,7 @@ class SwinTransformer(HierarchicalModel):
     2207.13317, its Fig. 1): the patchify stem becomes CETNet's convolutional stem (four
     Fused-MBConvs of width ``embed_dim // 2``, a 1x1 convolution, LayerNorm; stride 4, so
     ``patch_size`` must be 4) and each patch merging a convolutional embedding (two MBConvs,
-    the first with stride 2, a 1x1 convolution, LayerNorm); see ``mixlab.models.cetnet``. Any
+    the first with stride 2, a 1x1 convolution, LayerNorm); see ``mixlab.layers.embed``. Any
     input size of at least 4 pixels then works."""
 
     def __init__(self, img_size=224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
@@ -34,7 +35,6 @@ class SwinTransformer(HierarchicalModel):
                  drop_path_rate: float = 0.0, conv_embed: bool = False):
         norm = partial(nn.LayerNorm, eps=1e-5)
         if conv_embed:
-            from .cetnet import CETNetStem, ConvolutionalEmbedding  # imported here: only this option needs it
             if patch_size != 4:
                 raise ValueError(f"conv_embed=True uses CETNet's stride-4 convolutional stem: patch_size must be 4, "
                                  f"got {patch_size}")
@@ -64,7 +64,6 @@ class SwinTransformer(HierarchicalModel):
         self.min_input_size = patch_size
         self.apply(init_weights_vit)
         if conv_embed:
-            from .cetnet import init_weights_cetnet
             for module in [self.stem] + [stage.downsample for stage in self.stages]:
                 module.apply(init_weights_cetnet)
 

@@ -1,4 +1,5 @@
-"""The training loop, readable top to bottom: data, model, optimizer, schedule, then epochs
+"""The training loop, generic over tasks (:mod:`mixlab.engine.tasks` decides the data, the loss
+and the evaluation): :class:`Trainer` sets up the model, optimizer and schedule, then runs epochs
 of steps, evaluation, metrics and checkpoints.
 
 ``train(cfg)`` runs one configuration in one run directory, on a CPU, a GPU, or under
@@ -129,6 +130,8 @@ class Trainer:
         self.epoch, self.step, self.batch_in_epoch, self.train_time, self.images_seen = 0, 0, 0, 0.0, 0
         self.last_eval: dict = {}
         self.ema_eval: dict = {}
+        self.metrics: MetricsLog | None = None  # the main process's metric files and TensorBoard (_open_run_dir)
+        self.tb = None
 
     # -- set-up ---------------------------------------------------------------------------------
     def _setup_data(self) -> None:

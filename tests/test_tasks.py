@@ -79,9 +79,10 @@ class MeanPixel(Task):
         model.eval()
         sums = torch.zeros(2, dtype=torch.float64)
         for x, _ in loader:
+            x = x.to(self.device)
             err = model(x)[:, 0] - x.mean(dim=(1, 2, 3))
             sums += torch.tensor([float((err ** 2).sum()), len(x)], dtype=torch.float64)
-        sums = all_reduce_sum(sums, self.dinfo)
+        sums = all_reduce_sum(sums.to(self.device), self.dinfo).cpu()
         return {"mse": sums[0].item() / sums[1].item(), "images": int(sums[1].item())}
 
     def epoch_fields(self, metrics, ema=False):

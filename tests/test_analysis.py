@@ -338,7 +338,7 @@ def test_patch_shuffle_permutes_tiles():
 def test_robustness_of_a_trained_run(trained_run, tmp_path, capsys):
     """Every perturbation at its zero level is the clean evaluation, which is `mixlab eval`'s top-1 on the
     same (whole) validation split; heavy occlusion hurts; a model that cannot take a size is reported."""
-    from mixlab.engine.trainer import evaluate_run
+    from mixlab.runs import evaluate_run
 
     out = tmp_path / "rob"
     rc = main(["robustness", "--checkpoint", str(trained_run), "--limit", "100000", "--out", str(out)])

@@ -17,8 +17,9 @@ import yaml
 from PIL import Image
 
 from mixlab.config import build_config
+from mixlab.engine.trainer import train
+from mixlab.runs import evaluate_run
 from mixlab.weights import load_weights
-from mixlab.engine.trainer import evaluate_run, train
 
 # a ~20K-parameter ConvNeXt on the native 8x8 digits: each epoch takes well under a second
 TINY = {
@@ -269,11 +270,8 @@ def test_compile(tmp_path):
 def test_loaders_transform_whole_batches_unless_augmenting(tmp_path):
     """Without augmentation (the arena's recipe) both loaders transform a batch at once; with an
     augmentation only the evaluation loader does, and the training one draws per image."""
-    from mixlab.engine.distributed import DistInfo
-    from mixlab.engine.trainer import build_data
-    plain = build_config(tiny(tmp_path, name="plain"), recipe="arena")
-    train_loader, val_loader, _, _ = build_data(plain, DistInfo())
-    assert train_loader.dataset.batched and val_loader.dataset.batched
-    flips = build_config(tiny(tmp_path, name="flips", aug={"hflip": 0.5}))
-    train_loader, val_loader, _, _ = build_data(flips, DistInfo())
-    assert not train_loader.dataset.batched and val_loader.dataset.batched
+    from mixlab.engine.tasks import build_task
+    plain = build_task(build_config(tiny(tmp_path, name="plain"), recipe="arena")).build_data()
+    assert plain.train_loader.dataset.batched and plain.val_loader.dataset.batched
+    flips = build_task(build_config(tiny(tmp_path, name="flips", aug={"hflip": 0.5}))).build_data()
+    assert not flips.train_loader.dataset.batched and flips.val_loader.dataset.batched

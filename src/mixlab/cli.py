@@ -216,7 +216,7 @@ def add_eval_parser(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .engine.trainer import evaluate_run
+    from .runs import evaluate_run
 
     r = evaluate_run(args.run, data=args.data, data_root=args.data_root, use_ema=args.ema, device=args.device,
                      batch_size=args.batch_size)

@@ -158,6 +158,9 @@ class LogConfig:
 
 @dataclass
 class Config:
+    #: what the model learns: a task of mixlab.engine.tasks (checked against them when a run starts);
+    #: a run's config.yaml without this key (mixlab 0.1.0) is classification
+    task: str = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -310,6 +313,8 @@ def validate(cfg: Config) -> None:
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(valid)}")
+    if not cfg.task.strip():
+        raise ConfigError("task: give the name of a task, e.g. classification")
     from .factory import check_model_name
     try:
         check_model_name(cfg.model.name)

@@ -28,7 +28,8 @@ def load_model(name: str | None, checkpoint: str | None = None, **kwargs) -> tup
         path = Path(checkpoint)
         run_dir = path if path.is_dir() else path.parent.parent
         if (run_dir / RUN_CONFIG).is_file():
-            from ..engine.trainer import load_run_model
+            from ..runs import check_class_scores, load_run_model
+            check_class_scores(run_dir, "the analysis commands")
             model, cfg, info, weights = load_run_model(path)
             if name is not None and name != cfg.model.name:
                 raise ValueError(f"{checkpoint!r} is a run of {cfg.model.name!r}, not of {name!r}; give that "

@@ -41,6 +41,7 @@ from ..engine.metrics import MetricsLog
 from ..fileio import write_atomic
 from ..engine.trainer import model_slug
 from ..models.nano import LINE_UPS
+from ..runs import check_class_scores
 from ..version import __version__
 
 #: what ``mixlab arena`` trains when no model is named: the eight families of the seeds' argument
@@ -309,6 +310,7 @@ def collect(model: str, seeds: list[int], runs: Path, speed: dict, failures: dic
     for s in seeds:
         rd = runs / slug / f"seed{s}"
         if (rd / "summary.json").exists():
+            check_class_scores(rd, "the arena")  # it compares top-1 accuracies
             summaries[s] = json.loads((rd / "summary.json").read_text())
         curves[str(s)] = _curve(rd)
     done = [s for s in seeds if s in summaries]

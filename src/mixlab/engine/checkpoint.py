@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..fileio import atomic_write, write_json
-from ..weights import CheckpointError, check_compatible, load_weights, save_weights  # noqa: F401 (the trainer's)
+from ..weights import CheckpointError, load_weights, save_weights
 
 __all__ = ["save_state", "load_state", "rng_state", "set_rng_state", "CheckpointManager"]
 

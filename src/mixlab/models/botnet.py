@@ -23,6 +23,7 @@ from ..layers.conv_blocks import ResidualConvBlock
 from ..mixers.bot import BottleneckAttention
 from ..registry import register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build
+from .nano import register_nano
 from .resnet import Bottleneck
 
 __all__ = ["BoTBlock", "BoTNet", "SmallStem", "botnet50", "nano_botnet"]
@@ -153,6 +154,9 @@ def nano_botnet(**kwargs):
     the MHSA, on the 8x8 map of a 32 px image)."""
     return build(BoTNet, dict(img_size=32, in_chans=3, num_classes=10, depths=(2, 3, 2), widths=(40, 80, 160),
                               stem_width=32, stem="small", attn_stages=(2,), num_heads=4), kwargs)
+
+
+register_nano("nano_botnet")  # the arena's nano-zoo line-up
 
 
 # -- specifications ---------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from ..mixers.talking_heads import ClassAttention, TalkingHeadsAttention
 from ..registry import register_layout, register_model
 from .base import MixlabModel, block_token_maps, build, init_weights_vit, patch_grid
 from .blocks import MetaBlock
+from .nano import register_nano
 
 __all__ = ["Cait", "ClassAttentionBlock", "TIMM_RULES"]
 
@@ -177,6 +178,9 @@ def nano_cait(**kwargs):
     paper's init for shallow CaiTs (depth <= 18)."""
     return _cait(dict(img_size=32, patch_size=4, num_classes=10, embed_dim=128, depth=4, num_heads=4,
                       layer_scale=0.1), kwargs)
+
+
+register_nano("nano_cait")  # the arena's nano-zoo line-up
 
 
 # ---------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from ..mixers.lewin import LEWinAttention
 from ..registry import register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build, init_weights_cetnet
 from .blocks import MetaBlock
+from .nano import register_nano
 
 
 class CETNet(HierarchicalModel):
@@ -97,6 +98,9 @@ def nano_cetnet(**kwargs):
     defaults = dict(img_size=32, in_chans=3, num_classes=10, embed_dim=24, depths=(2, 2, 4, 1),
                     num_heads=(1, 2, 4, 8), window_size=4)
     return build(CETNet, defaults, kwargs)
+
+
+register_nano("nano_cetnet")  # the arena's nano-zoo line-up
 
 
 # -- specifications ----------------------------------------------------------------------------------

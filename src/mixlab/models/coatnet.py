@@ -51,6 +51,7 @@ from ..mixers.rel_attention import RelativeAttention
 from ..registry import register_layout, register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build, init_weights_vit
 from .blocks import MetaBlock
+from .nano import register_nano
 
 __all__ = ["CoAtNet", "RelAttnBlock", "TIMM_RULES"]
 
@@ -255,6 +256,9 @@ def nano_coatnet(**kwargs):
     defaults = dict(img_size=32, in_chans=3, num_classes=10, stem_width=32, dims=(32, 64, 128, 160),
                     depths=(2, 2, 2, 2), strides=(1, 2, 1, 2), variant="paper", head_hidden_size=None)
     return build(CoAtNet, defaults, kwargs)
+
+
+register_nano("nano_coatnet")  # the arena's nano-zoo line-up
 
 
 # ---------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from ..mixers.gpsa import GatedPositionalAttention
 from ..registry import register_layout, register_model
 from .base import MixlabModel, build, init_weights_vit, patch_grid
 from .blocks import MetaBlock
+from .nano import register_nano
 
 __all__ = ["ConViT", "TIMM_RULES"]
 
@@ -164,6 +165,9 @@ def nano_convit(**kwargs):
     defaults = dict(img_size=32, in_chans=3, num_classes=10, patch_size=4, embed_dim=128, depth=6, num_heads=4,
                     local_up_to_layer=4)
     return build(ConViT, defaults, kwargs)
+
+
+register_nano("nano_convit")  # the arena's nano-zoo line-up
 
 
 # ---------------------------------------------------------------------------------------

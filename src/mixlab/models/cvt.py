@@ -42,6 +42,7 @@ from ..mixers.conv_attention import ConvAttention
 from ..registry import register_layout, register_model, register_spec_mixer
 from .base import MixlabModel, build, init_weights_vit
 from .blocks import MetaBlock
+from .nano import register_nano
 
 __all__ = ["CvT", "CvTBlock", "CvTStage", "QuickGELU", "AUTHORS_RULES"]
 
@@ -232,6 +233,9 @@ def nano_cvt(**kwargs):
     defaults = dict(img_size=32, in_chans=3, num_classes=10, embed_dims=(48, 96, 144), depths=(1, 2, 3),
                     num_heads=(1, 2, 3), patch_sizes=(7, 3, 3), patch_strides=(2, 2, 2), patch_paddings=(3, 1, 1))
     return build(CvT, dict(_CVT, **defaults), kwargs)
+
+
+register_nano("nano_cvt")  # the arena's nano-zoo line-up
 
 
 # -- specifications ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from ..layers import ClassifierHead, ConvEmbed, OverlapPatchEmbed, stochastic_de
 from ..mixers.shift import CycleFC, CycleMixer
 from ..registry import register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build, init_weights_vit
+from .nano import register_nano
 from .blocks import MetaBlock
 
 
@@ -81,3 +82,8 @@ def _spec_block(st, width, grid, mlp_ratio, drop_path, index, drop):
 
 
 register_spec_mixer("cycle", {"kernel": 3}, "cycle FC (H, W) + channel FC, split attention (CycleMLP)", _spec_block)
+
+
+# -- the nano model of the arena's nano-zoo line-up ----------------------------------------
+# CycleMLP: cycle fully-connected layers along H and W and a channel FC, split attention
+register_nano("nano_cyclemlp", "patch2 / cycle:2x40 / cycle:4x80 / cycle:2x160")

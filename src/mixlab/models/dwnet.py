@@ -35,6 +35,7 @@ from ..layers.fuse import bn_scale_shift
 from ..mixers import DWNetMixer
 from ..registry import register_layout, register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build, init_weights_vit
+from .nano import register_nano
 
 
 class DWNetBlock(nn.Module):
@@ -172,3 +173,12 @@ _AUTHORS_DWNET = [
 
 register_layout("authors-dwnet", "dwnet", [r"^layers\.\d+\.blocks\.\d+\.attn2conv\."], _AUTHORS_DWNET,
                 model_class=DWNet)
+
+
+# -- the nano model of the arena's nano-zoo line-up ----------------------------------------
+# DWNet: Swin's skeleton with a 7x7 depthwise convolution (BatchNorm, ReLU) in place of windows
+register_nano("nano_dwnet", ("patch2 / dwconv_block:2x40 / dwconv_block:3x80:downsample=merge"
+                             " / dwconv_block:3x160:downsample=merge"))
+# dynamic DWNet: the depthwise kernel is predicted from the pooled input, per image
+register_nano("nano_ddwnet", ("patch2 / ddwconv:2x40:reduction=8 / ddwconv:2x80:downsample=merge,reduction=8"
+                              " / ddwconv:2x160:downsample=merge,reduction=8"))

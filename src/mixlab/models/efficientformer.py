@@ -46,6 +46,7 @@ from ..registry import (IMAGENET_MEAN_STD, register_default_weights, register_la
                         register_spec_mixer)
 from .base import HierarchicalModel, Stage, build, init_weights_vit
 from .blocks import MetaBlock
+from .nano import register_nano
 
 __all__ = ["EfficientFormer", "Meta4DBlock", "TokenSwitch", "TIMM_RULES"]
 
@@ -241,3 +242,9 @@ register_spec_mixer("meta4d", {"pool": 3}, "EfficientFormer 4D block (pooling, B
 register_spec_mixer("meta3d", {"heads": 8, "key_dim": 32, "attn_ratio": 4},
                     "EfficientFormer 3D block (attention with offset biases)", _spec_meta3d)
 register_default_weights("efficientformer_l1", "hf-hub:timm/efficientformer_l1.snap_dist_in1k", **IMAGENET_MEAN_STD)
+
+
+# -- the nano model of the arena's nano-zoo line-up ----------------------------------------
+# EfficientFormer: pooling 4D blocks, then one attention (3D) block with a learned offset bias
+register_nano("nano_efficientformer", ("conv2 / meta4d:2x40 / meta4d:2x80 / meta4d:3x160"
+                                       " / meta3d:1x160:downsample=none,heads=4,key_dim=32"))

@@ -39,6 +39,7 @@ from ..layers import (AbsolutePosEmbed, ClassifierHead, ConvEmbed, DropPath, Lay
 from ..mixers.global_filter import GlobalFilter
 from ..registry import register_layout, register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build, init_weights_vit, patch_grid
+from .nano import register_nano
 
 __all__ = ["GFNet", "GFNetBlock"]
 
@@ -196,3 +197,8 @@ def _spec_block(stage: dict, width: int, grid, mlp_ratio: float, drop_path: floa
 
 
 register_spec_mixer("gfilter", {}, "global filter (FFT)", _spec_block)
+
+
+# -- the nano model of the arena's nano-zoo line-up ----------------------------------------
+# GFNet: a learned global filter in the Fourier domain (a circulant affinity), abs. position embedding
+register_nano("nano_gfnet", "patch2 / gfilter:2x40:pos=abs / gfilter:3x80 / gfilter:4x160")

@@ -13,6 +13,7 @@ from ..mixers.token_mlp import SpatialGatingMLP
 from ..registry import (INCEPTION_MEAN_STD, register_default_weights, register_layout, register_model,
                         register_spec_mixer)
 from .base import HierarchicalModel, Stage, build, init_weights_mixer, patch_grid
+from .nano import register_nano
 
 
 class GMLPBlock(nn.Module):
@@ -87,3 +88,8 @@ def _spec_block(st, width, grid, ratio, drop_path, index, drop):
 
 register_spec_mixer("gmlp", {}, "gMLP spatial gating unit", _spec_block)
 register_default_weights("gmlp_s16_224", "hf-hub:timm/gmlp_s16_224.ra3_in1k", **INCEPTION_MEAN_STD)
+
+
+# -- the nano model of the arena's nano-zoo line-up ----------------------------------------
+# gMLP: spatial gating unit (a linear token layer on half of the expanded channels gates the other half)
+register_nano("nano_gmlp", "patch4 / gmlp:8x128:mlp_ratio=6")

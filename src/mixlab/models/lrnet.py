@@ -25,6 +25,7 @@ from ..layers.conv_blocks import ResidualConvBlock
 from ..mixers.local_relation import LocalRelation
 from ..registry import register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build
+from .nano import register_nano
 
 __all__ = ["LRBlock", "LRStem", "LRNet", "lrnet_50", "nano_lrnet"]
 
@@ -130,6 +131,9 @@ def nano_lrnet(**kwargs):
     1.09M parameters, 54 MMACs)."""
     return build(LRNet, dict(img_size=32, in_chans=3, num_classes=10, depths=(2, 3, 2), widths=(64, 128, 256),
                              out_widths=(128, 256, 512), stem_width=32, stem_stride=1, kernel_size=7, m=8), kwargs)
+
+
+register_nano("nano_lrnet")  # the arena's nano-zoo line-up
 
 
 # -- specifications ---------------------------------------------------------------------------

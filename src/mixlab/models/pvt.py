@@ -52,6 +52,7 @@ from ..mixers.sra import SpatialReductionAttention
 from ..registry import register_layout, register_model, register_spec_mixer
 from .base import MixlabModel, build, init_weights_cetnet, init_weights_vit, patch_grid
 from .blocks import MetaBlock
+from .nano import register_nano
 
 __all__ = ["PVT", "PVTPatchEmbed", "PVTStage", "AUTHORS_RULES"]
 
@@ -287,6 +288,9 @@ def nano_pvt(**kwargs):
     defaults = dict(img_size=32, in_chans=3, num_classes=10, patch_size=2, embed_dims=(40, 80, 160),
                     num_heads=(1, 2, 5), mlp_ratios=(8, 8, 4), depths=(2, 2, 2), sr_ratios=(4, 2, 1), qkv_bias=True)
     return build(PVT, defaults, kwargs)
+
+
+register_nano("nano_pvt")  # the arena's nano-zoo line-up
 
 
 # ---------------------------------------------------------------------------------------

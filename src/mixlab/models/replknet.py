@@ -36,6 +36,7 @@ from ..layers.conv_blocks import conv_bn
 from ..mixers.large_kernel import ReparamLargeKernelConv
 from ..registry import register_layout, register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build
+from .nano import register_nano
 
 
 @torch.no_grad()
@@ -238,3 +239,9 @@ _AUTHORS_REPLKNET = [
 
 register_layout("authors-replknet", "replknet", [r"^stages\.\d+\.blocks\.\d+\.large_kernel\."], _AUTHORS_REPLKNET,
                 model_class=RepLKNet)
+
+
+# -- the nano model of the arena's nano-zoo line-up ----------------------------------------
+# RepLKNet: large depthwise kernels (13x13 on 16x16 and 8x8 maps) with a parallel 5x5 branch
+register_nano("nano_replknet", ("conv2 / largekernel:2x40:kernel=13 / largekernel:3x80:kernel=13"
+                                " / largekernel:3x160:kernel=7"))

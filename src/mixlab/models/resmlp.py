@@ -11,6 +11,7 @@ from ..mixers.token_mlp import TokenLinear, TokenProjection
 from ..registry import (IMAGENET_MEAN_STD, register_default_weights, register_layout, register_model,
                         register_spec_mixer)
 from .base import HierarchicalModel, Stage, build, patch_grid
+from .nano import register_nano
 from .blocks import MetaBlock
 
 
@@ -91,3 +92,8 @@ def _spec_block(st, width, grid, ratio, drop_path, index, drop):
 register_spec_mixer("resmlp", {"layer_scale": 0.1}, "ResMLP linear token mixing", _spec_block)
 for _name in ("resmlp_12_224", "resmlp_24_224"):
     register_default_weights(_name, f"hf-hub:timm/{_name}.fb_in1k", **IMAGENET_MEAN_STD)
+
+
+# -- the nano model of the arena's nano-zoo line-up ----------------------------------------
+# ResMLP: one linear token layer (shared by the channels), Affine norms, LayerScale 0.1
+register_nano("nano_resmlp", "patch4 / resmlp:8x128")

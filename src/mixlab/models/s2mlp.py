@@ -17,6 +17,7 @@ from ..layers import ClassifierHead, ConvEmbed, PatchEmbed, stochastic_depth_rat
 from ..mixers.shift import SplitShiftMixer
 from ..registry import register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build, init_weights_vit
+from .nano import register_nano
 from .blocks import MetaBlock
 
 
@@ -67,3 +68,8 @@ def _spec_block(st, width, grid, mlp_ratio, drop_path, index, drop):
 
 
 register_spec_mixer("s2mlp", {}, "spatial shift + split attention (S2-MLPv2)", _spec_block)
+
+
+# -- the nano model of the arena's nano-zoo line-up ----------------------------------------
+# S2-MLPv2: channel expansion, two four-way spatial shifts and an identity, split attention
+register_nano("nano_s2mlp", "patch2 / s2mlp:2x40:mlp_ratio=3 / s2mlp:3x80:mlp_ratio=3 / s2mlp:3x160:mlp_ratio=3")

@@ -17,6 +17,7 @@ from ..layers import (BatchNormNHWC, ClassifierHead, ConvEmbed, DropPath, GroupN
 from ..mixers.shift import PartialShift
 from ..registry import register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build
+from .nano import register_nano
 
 NORMS = {"bn": BatchNormNHWC, "gn1": GroupNorm1NHWC}
 
@@ -121,3 +122,8 @@ def _spec_block(st, width, grid, mlp_ratio, drop_path, index, drop):
 
 
 register_spec_mixer("shift", {"n_div": 12}, "partial shift (ShiftViT block, BatchNorm)", _spec_block)
+
+
+# -- the nano model of the arena's nano-zoo line-up ----------------------------------------
+# ShiftViT: a third of the channels shifted one pixel in four directions, no parameters, BN-MLP
+register_nano("nano_shiftvit", "patch2 / shift:2x40:mlp_ratio=2 / shift:4x80:mlp_ratio=2 / shift:9x160:mlp_ratio=2")

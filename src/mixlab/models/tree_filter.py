@@ -15,6 +15,7 @@ import torch.nn as nn
 from ..mixers.tree_filter import TreeFilterBlock, TreeFilterMixer
 from ..registry import register_spec_mixer
 from .blocks import MetaBlock
+from .nano import register_nano
 
 
 def _spec_block(st, width, grid, mlp_ratio, drop_path, index, drop):
@@ -27,3 +28,8 @@ register_spec_mixer("treefilter", {"groups": 8},
                     "learnable tree filter v2 (MST of the grid, linear-time filtering along it)", _spec_block)
 
 __all__ = ["TreeFilterMixer", "TreeFilterBlock"]
+
+
+# -- the nano model of the arena's nano-zoo line-up ----------------------------------------
+# Learnable Tree Filter v2: filtering along a minimum spanning tree of the feature grid
+register_nano("nano_treefilter", "patch2 / treefilter:2x40 / treefilter:2x80 / treefilter:4x160")

@@ -11,6 +11,7 @@ from ..layers import ClassifierHead, ConvEmbed, PatchEmbed, stochastic_depth_rat
 from ..mixers.token_mlp import PermuteMLP
 from ..registry import register_model, register_spec_mixer
 from .base import HierarchicalModel, Stage, build, init_weights_vit, patch_grid
+from .nano import register_nano
 from .blocks import MetaBlock
 
 
@@ -97,3 +98,8 @@ def _spec_block(st, width, grid, ratio, drop_path, index, drop):
 
 register_spec_mixer("permute", {"segments": 8}, "ViP permute-MLP",
                     _spec_block)
+
+
+# -- the nano model of the arena's nano-zoo line-up ----------------------------------------
+# Vision Permutator: linear layers along height, width and channels, split-attention fusion
+register_nano("nano_vip", "patch2 / permute:2x40:mlp_ratio=3 / permute:2x80:mlp_ratio=3 / permute:4x160:mlp_ratio=3")

@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from ..registry import register_layout, register_model
 from .base import build, patch_grid
+from .nano import register_nano
 from .spec import create_from_spec
 from .vit import VisionTransformer
 
@@ -210,6 +211,9 @@ def nano_vit_c(img_size=32, in_chans: int = 3, num_classes: int = 10, **kwargs):
     model.pretrained_cfg = dict(model.pretrained_cfg, architecture="nano_vit_c")
     model.stage_mixers = [f"conv stem 64-128-128 (stride 4), {model.stage_mixers[0]}"]
     return model
+
+
+register_nano("nano_vit_c")  # the arena's nano-zoo line-up
 
 
 # --------------------------------------------------------------------------------------------

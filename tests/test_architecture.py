@@ -159,3 +159,25 @@ def test_a_planted_cycle_is_caught(tmp_path):
     (tmp_path / "mixlab" / "layers" / "a_.py").write_text("from . import b_\n")
     (tmp_path / "mixlab" / "layers" / "b_.py").write_text("from . import a_\n")
     assert ["mixlab.layers.a_", "mixlab.layers.b_"] in import_cycles(tmp_path)
+
+
+#: the model modules every family may use, and the families built on another family
+SHARED_MODELS = {"mixlab.models", "mixlab.models.base", "mixlab.models.blocks", "mixlab.models.spec",
+                 "mixlab.models.nano"}
+BUILT_ON = {"mixlab.models.vit_c": {"mixlab.models.vit"},  # ViT with a convolutional stem: a subclass
+            "mixlab.models.botnet": {"mixlab.models.resnet"},  # ResNet-50 with attention in its last stage
+            "mixlab.models.spec": {"mixlab.models.convnext", "mixlab.models.resnet"}}  # their blocks as stage types
+
+
+def test_no_family_imports_another():
+    mods = module_names(SRC)
+    bad = []
+    for name, path in mods.items():
+        if not name.startswith("mixlab.models."):
+            continue
+        for target, line in imports_of(name, path, set(mods)):
+            if target.startswith("mixlab.models.") and target not in SHARED_MODELS | BUILT_ON.get(name, set()) \
+                    and target != name:
+                bad.append(f"{path.relative_to(SRC)}:{line}: {name} imports {target}")
+    assert not bad, "a family file imports another family's (move the shared part to layers/ or mixers/):\n" \
+        + "\n".join(bad)

@@ -19,8 +19,9 @@ from mixlab.data import ResumableSampler, SeededDataset, build_datasets, build_t
 from mixlab.engine.distributed import all_reduce_sum
 from mixlab.engine.tasks import TASKS, ClassificationTask, Task, TaskData, register_task
 from mixlab.engine.trainer import train
-from mixlab.weights import load_weights
+from mixlab.cli import main
 from mixlab.runs import evaluate_run
+from mixlab.weights import load_weights
 
 FIXTURES = Path(__file__).parent / "fixtures" / "run-v0.1.0"
 # the fixture's 0.01M-parameter spec model at 16 px: 128 training images are 4 steps of 32
@@ -104,7 +105,7 @@ def small(tmp_path, **top) -> dict:
     return {**json.loads(json.dumps(SMALL)), "output_dir": str(tmp_path), **top}
 
 
-def test_a_registered_task_trains_resumes_exactly_and_picks_its_best_checkpoint(tmp_path, mean_pixel):
+def test_a_registered_task_trains_resumes_exactly_and_picks_its_best_checkpoint(tmp_path, mean_pixel, capsys):
     cfg = build_config(small(tmp_path, task=mean_pixel.name, name="ref"))
     summary = train(cfg)
     ref = tmp_path / "ref"
@@ -118,6 +119,8 @@ def test_a_registered_task_trains_resumes_exactly_and_picks_its_best_checkpoint(
     assert best["metric"] == summary["best_val_mse"] == min(mses)
     assert best["epoch"] == 1 + mses.index(min(mses))
     assert evaluate_run(ref, device="cpu")["mse"] == pytest.approx(min(mses))
+    assert main(["eval", str(ref)]) == 0  # the command shows the task's own metrics
+    assert f"mse {min(mses):.4g}" in capsys.readouterr().out
 
     # killed after 7 of 12 steps (the newest checkpoint is step 6, mid epoch 2), then resumed
     mean_pixel.interrupt_after, mean_pixel.seen = 7, 0
@@ -170,7 +173,6 @@ def _run_of_unknown_task(tmp_path) -> Path:
 def test_eval_analysis_and_arena_read_the_task_of_a_run(tmp_path, capsys):
     from mixlab.analysis.common import load_model
     from mixlab.arena.runner import collect
-    from mixlab.cli import main
 
     run = _run_of_unknown_task(tmp_path)
     assert main(["eval", str(run)]) == 2

@@ -223,8 +223,13 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
     else:
-        print(f"{r['model']} on {r['data']} ({r['images']} images, {r['checkpoint']}): top-1 {r['top1']:.2f}%, "
-              f"top-5 {r['top5']:.2f}%, loss {r['loss']:.4f}")
+        where = f"{r['model']} on {r['data']} (" + (f"{r['images']} images, " if "images" in r else "") \
+            + f"{r['checkpoint']})"
+        if "top1" in r:  # classification
+            print(f"{where}: top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%, loss {r['loss']:.4f}")
+        else:  # another task: its metrics as it names them
+            shown = {k: v for k, v in r.items() if isinstance(v, float) and k not in ("images",)}
+            print(f"{where}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     return 0
 
 

@@ -27,6 +27,16 @@ from ..layers import Mlp, to_2tuple
 from .base import Mixer, aggregate, flatten_tokens
 
 
+def check_tokens(t: torch.Tensor, num_tokens: int, grid_size, what: str) -> None:
+    """Raise a ValueError unless the (B, N, C) sequence ``t`` has the ``num_tokens`` a layer with
+    per-position weights (``what``) was built for."""
+    if t.shape[1] != num_tokens:
+        grid = f" ({grid_size[0]}x{grid_size[1]} patches)" if grid_size else ""
+        raise ValueError(f"the {what} was built for {num_tokens} tokens{grid}, got {t.shape[1]}; linear token "
+                         f"mixing fixes the input size: build the model with img_size set to the size you will "
+                         f"feed it")
+
+
 class TokenProjection(nn.Module):
     """``y = W·t + b`` across the N positions of a (B, N, C) sequence: W is (N, N), b (N,)
     is one bias per output position, and both are shared by all channels.
@@ -52,11 +62,7 @@ class TokenProjection(nn.Module):
 
     def check(self, t: torch.Tensor) -> None:
         """Raise a ValueError unless ``t`` (B, N, C) has the number of tokens this layer was built for."""
-        if t.shape[1] != self.num_tokens:
-            grid = f" ({self.grid_size[0]}x{self.grid_size[1]} patches)" if self.grid_size else ""
-            raise ValueError(f"the token-mixing layer was built for {self.num_tokens} tokens{grid}, got "
-                             f"{t.shape[1]}; linear token mixing fixes the input size: build the model with "
-                             f"img_size set to the size you will feed it")
+        check_tokens(t, self.num_tokens, self.grid_size, "token-mixing layer")
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         self.check(t)
@@ -339,11 +345,7 @@ class TokenMixingMLP(Mixer):
         self.drop2 = nn.Dropout(drop)
 
     def _check(self, t: torch.Tensor) -> None:
-        if t.shape[1] != self.num_tokens:
-            grid = f" ({self.grid_size[0]}x{self.grid_size[1]} patches)" if self.grid_size else ""
-            raise ValueError(f"the token-mixing MLP was built for {self.num_tokens} tokens{grid}, got {t.shape[1]}; "
-                             f"token-mixing MLPs have a fixed input size: build the model with img_size set to "
-                             f"the size you will feed it")
+        check_tokens(t, self.num_tokens, self.grid_size, "token-mixing MLP")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = flatten_tokens(x)

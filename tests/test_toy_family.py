@@ -1,7 +1,8 @@
 """Adding a family touches only ``mixers/<family>.py``, ``models/<family>.py`` and its tests
 (docs/adding-a-family.md): a toy family written into a copy of mixlab's source as those two
 files, and nothing else, is a registered model, a spec mixer, an exported mixer, a checkpoint
-layout with default weights, a nano model in the arena's nano-zoo line-up, and trains, without a line changed anywhere else."""
+layout with default weights and a nano model in the arena's nano-zoo line-up, and trains, without
+a line changed anywhere else."""
 from __future__ import annotations
 
 import os
@@ -108,7 +109,8 @@ assert torch.allclose(mixer(m), mixer.explicit_forward(m))  # the mixer contract
 
 spec = mixlab.create_model("spec:patch4 / toymean:1x8 / attention:1x16:heads=2", num_classes=3, img_size=16)
 assert spec(torch.randn(1, 3, 16, 16)).shape == (1, 3) and "toymean" in MIXERS
-assert "nano_toy" in LINE_UPS["nano-zoo"] and mixlab.create_model("nano_toy")(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+assert "nano_toy" in LINE_UPS["nano-zoo"]
+assert mixlab.create_model("nano_toy")(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 authors = {k.replace("stages.0.blocks.", "toy_blocks.").replace("head.fc.", "fc."): v
            for k, v in model.state_dict().items()}

@@ -517,7 +517,7 @@ class ArenaRun:
                     rc = f.result()
                     if rc != 0:
                         self.failed(run, rc)
-                    elif rc == 0 and self.between_runs:
+                    elif self.between_runs:
                         self.measure(run.model)  # between runs: an idle machine
                     self._submit_next(pool)
         except KeyboardInterrupt:

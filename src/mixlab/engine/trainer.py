@@ -27,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ..analysis import count_macs, count_params
 from ..config import RUN_CONFIG, Config, ConfigError, load_run_config
 from ..data import mix_seed
-from ..fileio import write_atomic
 from ..factory import create_model
+from ..fileio import write_atomic
 from ..weights import check_compatible, checkpoint_metadata
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
@@ -118,8 +118,9 @@ class Trainer:
         self._setup_optimization()
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                       keep_best=cfg.checkpoint.keep_best, mode=self.task.best_mode)
-        self.metadata = checkpoint_metadata(cfg.model.name, num_classes=self.info.num_classes, in_chans=self.info.in_chans,
-                                            img_size=self.info.img_size, mean=self.info.mean, std=self.info.std,
+        info = self.info
+        self.metadata = checkpoint_metadata(cfg.model.name, num_classes=info.num_classes, in_chans=info.in_chans,
+                                            img_size=info.img_size, mean=info.mean, std=info.std,
                                             model_kwargs=cfg.model.kwargs, task=cfg.task)
         # the position and the account of the run (restored by _resume)
         self.epoch, self.step, self.batch_in_epoch, self.train_time, self.images_seen = 0, 0, 0, 0.0, 0

@@ -105,8 +105,8 @@ def load_pretrained(model: nn.Module, source: Source, strict: bool = True,
 
     With ``strict=True`` any missing, unexpected or mis-shaped tensor raises a
     :class:`~mixlab.weights.io.CheckpointError` (a ValueError) listing them all (BatchNorm's
-    ``num_batches_tracked`` counters excepted); with ``strict=False`` what fits is loaded and the rest is reported in the returned
-    :class:`LoadResult`. ``model`` may be wrapped (``features_only``, DDP, ``torch.compile``).
+    ``num_batches_tracked`` counters excepted); with ``strict=False`` what fits is loaded and the
+    rest is reported in the returned :class:`LoadResult`. ``model`` may be wrapped (``features_only``, DDP, ``torch.compile``).
     """
     state_dict, metadata = read_checkpoint(source)
     return load_state(model, state_dict, metadata, describe_source(source), strict=strict,

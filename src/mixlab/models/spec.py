@@ -45,7 +45,7 @@ choice besides ``none``, for ``basic`` and ``bottleneck``) or ``none`` (same res
 width). ``pos`` adds a position encoding at the start of the stage: ``abs`` (a learned
 absolute embedding, ViT's; resampled for other input sizes), ``cpe`` (a conditional one, a
 3x3 depthwise convolution of the features) or ``none`` (the default). ``context`` appends a
-global context module after the stage's blocks (one of :data:`mixlab.layers.context.CONTEXT_MODULES`:
+global context module after the stage's blocks (one of :data:`mixlab.mixers.context.CONTEXT_MODULES`:
 se, ge, ge_theta, ge_theta_global, bam, nonlocal, crisscross, gc, tree_filter; default ``none``), e.g.
 ``basic:2x80:context=gc``: any CNN written as a spec gets them, as ``resnet50`` does with ``context=``;
 in a basic or bottleneck stage, ``context_placement=block`` puts one inside every block instead

@@ -181,3 +181,19 @@ def test_no_family_imports_another():
                 bad.append(f"{path.relative_to(SRC)}:{line}: {name} imports {target}")
     assert not bad, "a family file imports another family's (move the shared part to layers/ or mixers/):\n" \
         + "\n".join(bad)
+
+
+def test_mixers_live_in_mixers():
+    """Every spatial mixer (a subclass of ``Mixer``) is defined in ``mixlab.mixers``, none in a model file."""
+    import importlib
+    import inspect
+
+    from mixlab.mixers.base import Mixer
+
+    misplaced = []
+    for name in module_names(SRC):
+        if name.startswith("mixlab.models."):
+            module = importlib.import_module(name)
+            misplaced += [f"{name}.{n}" for n, obj in vars(module).items() if inspect.isclass(obj)
+                          and issubclass(obj, Mixer) and obj.__module__ == name]
+    assert not misplaced, f"mixers defined outside mixlab.mixers: {misplaced}"

@@ -17,8 +17,9 @@ def test_previous_version_run_evaluates(tmp_path, capsys):
     run = tmp_path / "complete"
     shutil.copytree(FIXTURES / "complete", run)
     assert main(["eval", str(run)]) == 0
-    out = capsys.readouterr().out
-    assert "top-1 9.38%" in out  # 6 of 64 images, as 0.1.0 measured (summary.json)
+    captured = capsys.readouterr()
+    assert "top-1 9.38%" in captured.out  # 6 of 64 images, as 0.1.0 measured (summary.json)
+    assert "records no class names" in captured.err  # 0.1.0 did not record them: they cannot be checked
 
 
 def test_previous_version_run_resumes_bit_identically(tmp_path):

@@ -212,14 +212,23 @@ def add_eval_parser(sub) -> None:
     s.add_argument("--device", default="auto")
     s.add_argument("--batch-size", type=int)
     s.add_argument("--json", action="store_true")
+    s.add_argument("--allow-class-mismatch", action="store_true",
+                   help="evaluate even when the data's class names differ from the ones the run was trained on "
+                        "(a warning instead of an error)")
     s.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
+    import warnings
+
     from .runs import evaluate_run
 
-    r = evaluate_run(args.run, data=args.data, data_root=args.data_root, use_ema=args.ema, device=args.device,
-                     batch_size=args.batch_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = evaluate_run(args.run, data=args.data, data_root=args.data_root, use_ema=args.ema, device=args.device,
+                         batch_size=args.batch_size, allow_class_mismatch=args.allow_class_mismatch)
+    for w in caught:
+        print(f"mixlab eval: warning: {w.message}", file=sys.stderr)
     if args.json:
         print(json.dumps(r, indent=2))
     else:

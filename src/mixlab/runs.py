@@ -2,6 +2,8 @@
 evaluation. Used by ``mixlab eval``, the arena and the analysis commands."""
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from .config import ConfigError, load_run_config
@@ -10,7 +12,10 @@ from .engine.distributed import DistInfo, init_distributed
 from .engine.ema import ModelEma
 from .engine.tasks import TASKS, get_task
 from .factory import create_model
-from .weights import check_compatible, load_weights
+from .weights import check_compatible, load_metadata, load_weights, metadata_config
+
+#: how many differing classes a class-name message lists
+_MAX_CLASSES_SHOWN = 10
 
 
 def _run_weights(path, use_ema: bool) -> tuple[Path, Path]:
@@ -71,11 +76,55 @@ def load_run_model(path, use_ema: bool = False, info=None):
     return model.eval(), cfg, info, weights_path
 
 
+def check_classes(trained: Sequence[str] | None, data: Sequence[str], where: str,
+                  allow_mismatch: bool = False) -> None:
+    """Compare the class names a model was ``trained`` on (``None``: not recorded) with those of the
+    evaluation ``data``, label by label; ``where`` names the checkpoint in the messages.
+
+    Different names (or another number of them) raise a ConfigError listing each label that
+    differs, or with ``allow_mismatch`` give that list as a warning. The same names in another
+    order are refused too: the model's outputs would be scored against other labels (mixlab does
+    not remap them). Names not recorded (runs written before mixlab recorded them, such as those of
+    mixlab 0.1.0) give a warning that they cannot be checked.
+    """
+    if trained is None:
+        warnings.warn(f"{where} records no class names (it was written before mixlab recorded them): whether the "
+                      f"evaluation data's {len(data)} classes are the ones it was trained on cannot be checked",
+                      UserWarning, stacklevel=2)
+        return
+    trained, data = list(trained), list(data)
+    if trained == data:
+        return
+    lines = []
+    for i in range(max(len(trained), len(data))):
+        was = f"trained as {trained[i]!r}" if i < len(trained) else "the run has none"
+        now = f"the data says {data[i]!r}" if i < len(data) else "the data has none"
+        if i >= len(trained) or i >= len(data) or trained[i] != data[i]:
+            lines.append(f"class {i}: {was}, {now}")
+    shown = "; ".join(lines[:_MAX_CLASSES_SHOWN]) + (f"; and {len(lines) - _MAX_CLASSES_SHOWN} more"
+                                                      if len(lines) > _MAX_CLASSES_SHOWN else "")
+    if len(trained) != len(data):
+        what = f"was trained on {len(trained)} classes, the evaluation data has {len(data)}"
+    elif sorted(trained) == sorted(data):
+        what = "was trained on the same names in another order than the evaluation data's (mixlab does not remap them)"
+    else:
+        what = "was trained on other class names than the evaluation data's"
+    if allow_mismatch:
+        warnings.warn(f"{where} {what} ({shown}); evaluating anyway, as asked: the scores compare the model's "
+                      f"classes with other labels", UserWarning, stacklevel=2)
+        return
+    raise ConfigError(f"{where} {what}: {shown}. The scores would compare the model's classes with other labels; "
+                      f"pass --allow-class-mismatch (allow_class_mismatch=True) to evaluate anyway")
+
+
 def evaluate_run(path, data: str | None = None, data_root: str | None = None, use_ema: bool = False,
-                 device: str = "auto", batch_size: int | None = None) -> dict:
+                 device: str = "auto", batch_size: int | None = None, allow_class_mismatch: bool = False) -> dict:
     """Evaluate a run directory or one of its checkpoints with its task's evaluation, on the
     validation split of its dataset or of ``data`` (same classes and channels). For a run
-    directory: its ``best.safetensors``, or with ``use_ema`` the EMA weights of its newest checkpoint."""
+    directory: its ``best.safetensors``, or with ``use_ema`` the EMA weights of its newest checkpoint.
+
+    The class names the checkpoint records must be the data's (:func:`check_classes`; with
+    ``allow_class_mismatch`` a difference is a warning instead of a ConfigError)."""
     run_dir, weights_path = _run_weights(path, use_ema)
     cfg = load_run_config(run_dir)
     if data:
@@ -88,6 +137,8 @@ def evaluate_run(path, data: str | None = None, data_root: str | None = None, us
     dinfo = init_distributed(device)
     task = get_task(cfg.task)(cfg, dinfo)
     val = task.build_data(with_train=False)
+    check_classes(metadata_config(load_metadata(weights_path)).get("classes"), val.info.classes, str(weights_path),
+                  allow_class_mismatch)
     model = load_run_model(weights_path, use_ema, info=val.info)[0].to(dinfo.device)
     result = task.evaluate(model, val.val_loader)
     result.update(checkpoint=str(weights_path), data=val.info.name, model=cfg.model.name)

@@ -121,7 +121,7 @@ class Trainer:
         info = self.info
         self.metadata = checkpoint_metadata(cfg.model.name, num_classes=info.num_classes, in_chans=info.in_chans,
                                             img_size=info.img_size, mean=info.mean, std=info.std,
-                                            model_kwargs=cfg.model.kwargs, task=cfg.task)
+                                            model_kwargs=cfg.model.kwargs, classes=info.classes, task=cfg.task)
         # the position and the account of the run (restored by _resume)
         self.epoch, self.step, self.batch_in_epoch, self.train_time, self.images_seen = 0, 0, 0, 0.0, 0
         self.last_eval: dict = {}
@@ -370,7 +370,8 @@ class Trainer:
                    "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
                    "params": self.params, "gmacs": self.macs / 1e9, "device": str(device),
                    "world_size": dinfo.world_size, "global_batch": self.global_batch, "lr": self.lr,
-                   "skipped_images": info.skipped}
+                   "skipped_images": info.skipped, "mean": list(info.mean), "std": list(info.std),
+                   "classes": list(info.classes)}
         if self.ema_eval:
             summary.update(task.epoch_fields(self.ema_eval, ema=True))
         if dinfo.is_main:

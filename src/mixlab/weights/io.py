@@ -5,7 +5,8 @@
   unpickle), a state dict in memory, or a Hugging Face Hub id (``hf-hub:org/name``) ->
   ``(state_dict, metadata)``, unwrapped from training checkpoints;
 * :func:`save_weights` / :func:`load_weights`: a state dict and its string metadata as a
-  safetensors file, written atomically (:func:`mixlab.fileio.atomic_write`), read back as it is;
+  safetensors file, written atomically (:func:`mixlab.fileio.atomic_write`), read back as it is
+  (:func:`load_metadata`: the metadata alone);
 * :func:`checkpoint_metadata` writes, :func:`metadata_config` reads the string metadata of a
   mixlab checkpoint (training runs and ``mixlab convert`` write the same keys).
 
@@ -18,7 +19,7 @@ import json
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -30,7 +31,7 @@ from ..fileio import atomic_write
 from ..version import __version__
 
 __all__ = ["CheckpointError", "read_checkpoint", "unwrap_checkpoint", "describe_source", "parse_hub_id",
-           "save_weights", "load_weights", "checkpoint_metadata", "metadata_config",
+           "save_weights", "load_weights", "load_metadata", "checkpoint_metadata", "metadata_config",
            "PTH_EXTENSIONS", "SAFETENSORS_EXTENSIONS"]
 
 Source = Union[str, os.PathLike, Mapping]
@@ -271,8 +272,9 @@ def _read_hub(source: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def metadata_config(metadata: Mapping[str, str]) -> dict:
-    """``mean``, ``std``, ``input_size`` and ``num_classes`` from a mixlab-written checkpoint's
-    metadata (``input_size`` as JSON ``[C, H, W]``, or ``in_chans`` and ``img_size``)."""
+    """``mean``, ``std``, ``input_size``, ``num_classes`` and ``classes`` (the class names, a list)
+    from a mixlab-written checkpoint's metadata (``input_size`` as JSON ``[C, H, W]``, or ``in_chans``
+    and ``img_size``); a key the metadata lacks (earlier versions wrote no ``classes``) is left out."""
     cfg: dict = {}
 
     def parse(key):
@@ -295,6 +297,9 @@ def metadata_config(metadata: Mapping[str, str]) -> dict:
     num_classes = parse("num_classes")
     if isinstance(num_classes, int):
         cfg["num_classes"] = num_classes
+    classes = parse("classes")
+    if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
+        cfg["classes"] = classes
     return cfg
 
 
@@ -343,23 +348,43 @@ def load_weights(path: PathLike, device: str | torch.device = "cpu") -> tuple[di
     return _safetensors_file(path, str(path), device)
 
 
+def load_metadata(path: PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file, without reading its tensors (``{}`` when there is none).
+    FileNotFoundError when there is no file, CheckpointError when it is not safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {str(path)!r}")
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e})") from e
+
+
 # -- metadata --------------------------------------------------------------------------------------
 def checkpoint_metadata(architecture: str, *, num_classes: int, in_chans: int, img_size, mean, std,
-                        model_kwargs: Mapping | None = None, **extra: str) -> dict[str, str]:
+                        model_kwargs: Mapping | None = None, classes: Sequence[str] | None = None,
+                        **extra: str) -> dict[str, str]:
     """The string metadata of a mixlab checkpoint (a training run's or ``mixlab convert``'s).
 
     ``architecture``: the model name (or specification) to build; ``img_size``: an int or (H, W);
     ``mean`` / ``std``: the input normalisation; ``model_kwargs``: the other ``create_model``
-    keyword arguments; ``extra``: more string entries (``source``, ``source_format``, ...).
+    keyword arguments; ``classes``: the names of the ``num_classes`` classes, in label order (left
+    out when not given); ``extra``: more string entries (``source``, ``source_format``, ...).
     Written: ``architecture``, ``num_classes``, ``in_chans``, ``img_size`` (JSON int or [H, W]),
     ``input_size`` (JSON [C, H, W]), ``mean``, ``std`` (JSON lists), ``model_kwargs`` (JSON),
-    ``mixlab_version``, then ``extra``; :func:`metadata_config` reads them back.
+    ``mixlab_version``, ``classes`` (JSON list) when given, then ``extra``; :func:`metadata_config`
+    reads them back.
     """
     h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     meta = {"architecture": str(architecture), "num_classes": str(int(num_classes)), "in_chans": str(int(in_chans)),
             "img_size": json.dumps(h if h == w else [h, w]), "input_size": json.dumps([int(in_chans), h, w]),
             "mean": json.dumps([float(x) for x in mean]), "std": json.dumps([float(x) for x in std]),
             "model_kwargs": json.dumps(dict(model_kwargs or {})), "mixlab_version": __version__}
+    if classes is not None:
+        if len(classes) != int(num_classes):
+            raise ValueError(f"checkpoint_metadata: {len(classes)} class names for num_classes={int(num_classes)}")
+        meta["classes"] = json.dumps([str(c) for c in classes])
     bad = [k for k, v in extra.items() if not isinstance(v, str)]
     if bad:
         raise TypeError(f"checkpoint_metadata: extra entries are strings; {', '.join(bad)} are not")

@@ -361,7 +361,7 @@ def cmd_convert(args) -> int:
     cfg = model.pretrained_cfg
     metadata = checkpoint_metadata(args.model, num_classes=model.num_classes, in_chans=model.in_chans,
                                    img_size=model.img_size, mean=cfg["mean"], std=cfg["std"], source=str(args.src),
-                                   source_format=cfg.get("source_format", "mixlab"))
+                                   source_format=cfg.get("source_format", "mixlab"), classes=cfg.get("classes"))
     state_dict = model.state_dict()
     save_weights(state_dict, dst, metadata)  # atomic; creates dst's directory
     params = count_params(model)

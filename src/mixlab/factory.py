@@ -51,7 +51,8 @@ def create_model(name: str, pretrained: bool | str | os.PathLike | Mapping = Fal
     Keyword arguments the checkpoint's architecture requires are added (passing another
     value is an error); without ``num_classes`` the model gets the checkpoint's number of
     classes, with another one a fresh classifier (and a warning). ``pretrained_cfg["source"]``
-    records where the weights came from.
+    records where the weights came from, ``pretrained_cfg["classes"]`` the class names a mixlab
+    checkpoint records (when the model keeps its classifier).
     """
     fn = partial(create_from_spec, name) if is_spec(name) else model_entrypoint(name)
     if not pretrained and not isinstance(pretrained, Mapping):  # False, None, ""
@@ -123,5 +124,8 @@ def create_pretrained(name: str, build, pretrained: Any, kwargs: dict, features_
         raise ValueError(f"{name}: the checkpoint {describe_source(source)} was made for {shown}, and its weights "
                          f"cannot be adapted to the arguments passed; leave {', '.join(conflicts)} out.\n{e}") from e
     cfg = {**extra_cfg, **{k: v for k, v in from_meta.items() if k in ("mean", "std")}}
+    classes = from_meta.get("classes")
+    if classes is not None and len(classes) == getattr(model, "num_classes", None):  # the checkpoint's classifier
+        cfg["classes"] = classes
     model.pretrained_cfg.update(cfg, source=describe_source(source), source_format=result.format)
     return model

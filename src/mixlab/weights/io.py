@@ -369,8 +369,9 @@ def checkpoint_metadata(architecture: str, *, num_classes: int, in_chans: int, i
 
     ``architecture``: the model name (or specification) to build; ``img_size``: an int or (H, W);
     ``mean`` / ``std``: the input normalisation; ``model_kwargs``: the other ``create_model``
-    keyword arguments; ``classes``: the names of the ``num_classes`` classes, in label order (left
-    out when not given); ``extra``: more string entries (``source``, ``source_format``, ...).
+    keyword arguments; ``classes``: the class names of the training data in label order (a
+    classifier's ``num_classes`` outputs; another task's outputs may be other things), left out when
+    not given; ``extra``: more string entries (``source``, ``source_format``, ...).
     Written: ``architecture``, ``num_classes``, ``in_chans``, ``img_size`` (JSON int or [H, W]),
     ``input_size`` (JSON [C, H, W]), ``mean``, ``std`` (JSON lists), ``model_kwargs`` (JSON),
     ``mixlab_version``, ``classes`` (JSON list) when given, then ``extra``; :func:`metadata_config`
@@ -382,8 +383,6 @@ def checkpoint_metadata(architecture: str, *, num_classes: int, in_chans: int, i
             "mean": json.dumps([float(x) for x in mean]), "std": json.dumps([float(x) for x in std]),
             "model_kwargs": json.dumps(dict(model_kwargs or {})), "mixlab_version": __version__}
     if classes is not None:
-        if len(classes) != int(num_classes):
-            raise ValueError(f"checkpoint_metadata: {len(classes)} class names for num_classes={int(num_classes)}")
         meta["classes"] = json.dumps([str(c) for c in classes])
     bad = [k for k, v in extra.items() if not isinstance(v, str)]
     if bad:

@@ -224,7 +224,7 @@ def cmd_eval(args) -> int:
     from .runs import evaluate_run
 
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("default")  # each warning once, as Python shows them
         r = evaluate_run(args.run, data=args.data, data_root=args.data_root, use_ema=args.ema, device=args.device,
                          batch_size=args.batch_size, allow_class_mismatch=args.allow_class_mismatch)
     for w in caught:

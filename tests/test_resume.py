@@ -79,7 +79,7 @@ def test_lower_lr_after_a_divergence_continues_from_the_last_good_checkpoint(tmp
     assert history(run)[-1]["epoch"] == good // 4
 
 
-@pytest.mark.parametrize("args, key", [(["--model", "resnet18"], "model.name"),
+@pytest.mark.parametrize("args, key", [(["--model", "nano_resnet"], "model.name"),
                                        (["--set", "train.seed=5"], "train.seed"),
                                        (["--batch-size", "16", "--set", "aug.mixup=0.5"], "train.batch_size")])
 def test_unsafe_changes_are_refused_naming_the_key_and_writing_nothing(tmp_path, capsys, args, key):
@@ -90,7 +90,7 @@ def test_unsafe_changes_are_refused_naming_the_key_and_writing_nothing(tmp_path,
     assert key in err and "checkpoints" in err, err
     if "aug.mixup=0.5" in args:
         assert "aug.mixup" in err  # every refused key is named
-    assert "train.epochs" not in err  # a safe change is not refused
+    assert "train.epochs" not in err.split("Only these keys may change")[0]  # a safe change is not refused
     assert snapshot(run) == before
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,29 @@ def test_a_new_lr_and_schedule_continue_at_the_step_reached_with_layer_decay_sca
     opt2.step()
     sched2.step()
     assert opt2.param_groups[-1]["lr"] == pytest.approx(0.5 * 0.1 * (1 + math.cos(math.pi * 5 / 18)))
+
+
+def test_a_run_killed_mid_epoch_goes_on_with_changes_from_its_position(tmp_path, capsys):
+    # mixlab 0.1.0's run killed after the step-6 checkpoint, 2 batches into epoch 2 of 2 (4 steps an epoch)
+    run = tmp_path / "interrupted"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "run-v0.1.0" / "interrupted", run)
+    assert main(["train", "--resume", str(run), "--epochs", "1"]) == 2
+    assert "already trained 1 epochs and 2 batches; give at least 2" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--set", "schedule.min_lr=0"]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 12
+    assert [(h["key"], h["step"], h["epoch"], h["batch_in_epoch"]) for h in history(run)] == [
+        ("schedule.min_lr", 6, 1, 2), ("train.epochs", 6, 1, 2)]
+    assert rows(run)[-1]["lr"] == 0.0  # the cosine of the new length ends at the new min_lr
+
+
+def test_a_yaml_file_given_with_resume_is_the_configuration_asked_for(tmp_path, capsys):
+    run = start(tmp_path)
+    cfg = yaml.safe_load((tmp_path / "r.yaml").read_text())
+    cfg["train"]["epochs"], cfg["optimizer"]["lr"] = 2, 0.02
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "more.yaml"), "--resume"]) == 0
+    assert [(h["key"], h["new"]) for h in history(run)] == [("optimizer.lr", 0.02), ("train.epochs", 2)]
+    cfg["model"]["name"] = "nano_resnet"
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "other.yaml"), "--resume", str(run)]) == 2
+    assert "model.name" in capsys.readouterr().err

@@ -7,7 +7,10 @@ of steps, evaluation, metrics and checkpoints.
 ``checkpoint.every_steps`` it checkpoints inside epochs too, and ``resume=True`` continues
 from the newest complete checkpoint exactly — same weights, optimizer, schedule, EMA,
 sampler position and random streams — so an interrupted and resumed run ends with the
-weights of an uninterrupted one.
+weights of an uninterrupted one. A resume whose configuration changes keys of
+:data:`mixlab.config.RESUME_SAFE` (more epochs, a lower lr, ...) goes on with them from that
+checkpoint, on the schedule of the new configuration at the step reached, and records each
+change in the run's ``config_history.jsonl``; other changes are refused.
 """
 from __future__ import annotations
 
@@ -194,7 +197,9 @@ class Trainer:
             self.train_time, self.images_seen = state["train_time"], state["images_seen"]
             done = self.epoch + (self.batch_in_epoch > 0)  # epochs begun
             if self.tc.epochs < done:
-                trained = f"{self.epoch} epochs" + (f" and {self.batch_in_epoch} batches" if self.batch_in_epoch else "")
+                trained = f"{self.epoch} epochs"
+                if self.batch_in_epoch:
+                    trained += f" and {self.batch_in_epoch} batches"
                 raise ConfigError(f"train.epochs {self.tc.epochs}: the run has already trained {trained}; "
                                   f"give at least {done}")
             set_rng_state(state["rng"])
@@ -239,8 +244,8 @@ class Trainer:
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> dict:
         if self._resume():
-            _log(self.dinfo, f"{self.run_dir} is already complete" + (
-                f"; nothing was changed (give more than {self.tc.epochs} --epochs to train on)" if self.changes else ""))
+            unchanged = f"; nothing was changed (give more than {self.tc.epochs} --epochs to train on)"
+            _log(self.dinfo, f"{self.run_dir} is already complete" + (unchanged if self.changes else ""))
             return json.loads((self.run_dir / "summary.json").read_text())
         self._open_run_dir()
         cfg, tc, info = self.cfg, self.tc, self.info

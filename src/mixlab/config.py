@@ -378,8 +378,8 @@ def load_run_config(run_dir) -> Config:
 #: learning rate and schedule, gradient clipping, numerics and device, logging and checkpoint
 #: cadence — but not what its checkpoints mean, so the weights, optimizer state, sampler
 #: position and random streams restored from the newest checkpoint stay valid. Every other key
-#: is refused (:data:`RESUME_REFUSED` says why). The EMA has no evaluation-only key: its decay,
-#: warm-up and switch shape the averaged weights the checkpoints hold, so ``ema.*`` is refused.
+#: is refused (:data:`RESUME_REFUSED` says why). The EMA has no evaluation-only key: turning it
+#: on or off, its decay and warm-up shape the averaged weights the checkpoints hold (refused).
 RESUME_SAFE = (
     "train.epochs",
     "optimizer.lr", "optimizer.base_lr", "optimizer.lr_base_batch", "optimizer.clip_grad",
@@ -396,8 +396,8 @@ RESUME_LOCATION = ("name", "output_dir", "recipe")
 RESUME_REFUSED = {
     "task": "the checkpoints hold a model trained for this task",
     "model.": "the checkpoints hold this model's weights",
-    "data.": "the model learns from this data and the sampler position counts its batches",
-    "aug.": "the augmentation draws the random streams the checkpoints restore",
+    "data.": "the checkpoints hold a model trained on this data, and their sampler position counts its batches",
+    "aug.": "the checkpoints hold a model trained on data augmented this way",
     "optimizer.": "the optimizer state in the checkpoints was built with it",
     "train.seed": "the random streams the checkpoints restore come from this seed",
     "train.batch_size": "the sampler position and step count in the checkpoints are counted in batches of this size",

@@ -138,8 +138,10 @@ _TRAIN_FLAGS = {"model": "model.name", "data": "data.name", "data_root": "data.r
                 "lr": "optimizer.lr", "output": "output_dir", "name": "name"}
 
 
-def _train_config(args):
-    from .config import build_config, load_yaml, nest
+def _train_config(args, base=None):
+    """The configuration the arguments ask for: the recipe, the YAML file, the flags and --set; or,
+    given ``base`` (a resumed run's configuration), the flags and --set on top of it."""
+    from .config import build_config, load_yaml, nest, override_config
 
     user = load_yaml(args.config) if args.config else None
     flags: dict = {}
@@ -150,6 +152,8 @@ def _train_config(args):
         section = nest(key.split("."), value)
         for k, v in section.items():
             flags[k] = {**flags.get(k, {}), **v} if isinstance(v, dict) else v
+    if base is not None:
+        return override_config(base, flags, overrides=args.set or [])
     return build_config(user, flags, recipe=args.recipe, overrides=args.set or [])
 
 
@@ -175,7 +179,9 @@ def add_train_parser(sub) -> None:
     s.add_argument("--output", help="parent directory of runs (default runs/)")
     s.add_argument("--name", help="run name (default MODEL-DATA)")
     s.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
-                   help="continue an interrupted run (its directory, or the one this configuration names)")
+                   help="continue an interrupted or finished run (its directory, or the one this configuration "
+                        "names); flags and --set change the keys safe to change (epochs, lr, schedule, amp, "
+                        "device, ...: mixlab.config.RESUME_SAFE), each recorded in config_history.jsonl")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key, e.g. optimizer.lr=1e-3")
     s.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     s.set_defaults(func=cmd_train)
@@ -187,11 +193,15 @@ def cmd_train(args) -> int:
     from .engine.trainer import train
 
     if args.resume and args.resume is not True and not args.config:
-        from .config import load_run_config
+        from .config import ConfigError, load_run_config, resume_config
+        if args.recipe:
+            raise ConfigError("--recipe starts a new configuration; a resumed run keeps its own (change its keys "
+                              "with flags or --set, or give a complete YAML file)")
         run_dir = Path(args.resume)
-        cfg = load_run_config(run_dir)
+        saved = load_run_config(run_dir)
+        cfg = _train_config(args, base=saved)  # the run's configuration with the requested changes
         if args.print_config:
-            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            print(yaml.safe_dump(resume_config(saved, cfg)[0].to_dict(), sort_keys=False))
             return 0
         train(cfg, run_dir=run_dir, resume=True)
         return 0

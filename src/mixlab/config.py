@@ -283,6 +283,14 @@ def nest(keys: list[str], value) -> dict:
     return out
 
 
+def _apply_layers(cfg: Config, layers, overrides) -> None:
+    for layer in layers:
+        _merge_into(cfg, layer)
+    for item in overrides:
+        keys, value = parse_override(item)
+        _merge_into(cfg, nest(keys, value))
+
+
 def build_config(*layers: dict | None, recipe: str | None = None, overrides=()) -> Config:
     """Defaults, then the recipe (from the argument, else the last layer naming one, else
     ``basic``), then each layer in order, then ``section.key=value`` overrides."""
@@ -291,12 +299,18 @@ def build_config(*layers: dict | None, recipe: str | None = None, overrides=()) 
     recipe = recipe or next((layer.get("recipe") for layer in reversed(layers) if layer.get("recipe")), None) \
         or DEFAULT_RECIPE
     _merge_into(cfg, load_yaml(recipe_path(recipe)))
-    for layer in layers:
-        _merge_into(cfg, layer)
-    for item in overrides:
-        keys, value = parse_override(item)
-        _merge_into(cfg, nest(keys, value))
+    _apply_layers(cfg, layers, overrides)
     cfg.recipe = recipe
+    validate(cfg)
+    return cfg
+
+
+def override_config(base: Config, *layers: dict | None, overrides=()) -> Config:
+    """A copy of ``base`` (a resolved configuration: no recipe is applied again) with the layers
+    and ``section.key=value`` overrides on top, validated."""
+    cfg = Config()
+    _merge_into(cfg, base.to_dict())
+    _apply_layers(cfg, [layer for layer in layers if layer], overrides)
     validate(cfg)
     return cfg
 
@@ -346,6 +360,8 @@ def config_from_dict(d: dict) -> Config:
 
 
 RUN_CONFIG = "config.yaml"
+#: a run's configuration changes on resume, one JSON line each (see ``Trainer._record_changes``)
+CONFIG_HISTORY = "config_history.jsonl"
 
 
 def load_run_config(run_dir) -> Config:
@@ -354,3 +370,81 @@ def load_run_config(run_dir) -> Config:
     if not path.is_file():
         raise ConfigError(f"no {RUN_CONFIG} in {str(run_dir)!r}: give the directory of a mixlab run")
     return config_from_dict(yaml.safe_load(path.read_text()))
+
+
+# -- resuming a run with changes ------------------------------------------------------------------
+#: The keys a resumed run may change (``mixlab train --resume RUN --lr 5e-4 --epochs 20``; a name
+#: ending in ``.`` covers its whole section). They change how the run goes on — its length, its
+#: learning rate and schedule, gradient clipping, numerics and device, logging and checkpoint
+#: cadence — but not what its checkpoints mean, so the weights, optimizer state, sampler
+#: position and random streams restored from the newest checkpoint stay valid. Every other key
+#: is refused (:data:`RESUME_REFUSED` says why). The EMA has no evaluation-only key: turning it
+#: on or off, its decay and warm-up shape the averaged weights the checkpoints hold (refused).
+RESUME_SAFE = (
+    "train.epochs",
+    "optimizer.lr", "optimizer.base_lr", "optimizer.lr_base_batch", "optimizer.clip_grad",
+    "schedule.",
+    "data.num_workers", "data.root",
+    "train.amp", "train.device", "train.compile", "train.deterministic", "train.eval_every",
+    "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.keep_best",
+    "log.",
+)
+#: Where a run is and where its configuration came from: a difference is not a change (a resumed
+#: run keeps its own), so ``train(cfg, run_dir=other, resume=True)`` may name another run.
+RESUME_LOCATION = ("name", "output_dir", "recipe")
+#: Why a key outside :data:`RESUME_SAFE` cannot change on resume, by key or section (``.``).
+RESUME_REFUSED = {
+    "task": "the checkpoints hold a model trained for this task",
+    "model.": "the checkpoints hold this model's weights",
+    "data.": "the checkpoints hold a model trained on this data, and their sampler position counts its batches",
+    "aug.": "the checkpoints hold a model trained on data augmented this way",
+    "optimizer.": "the optimizer state in the checkpoints was built with it",
+    "train.seed": "the random streams the checkpoints restore come from this seed",
+    "train.batch_size": "the sampler position and step count in the checkpoints are counted in batches of this size",
+    "train.accum_steps": "the step count in the checkpoints is counted in accumulated batches",
+    "train.": "it changes what the run's checkpoints mean",
+    "ema.": "the EMA weights in the checkpoints were averaged with it",
+}
+
+
+def _flatten(cfg: Config) -> dict:
+    """``{"section.key": value}`` for every key of the sections, ``{key: value}`` for the top-level ones."""
+    out = {}
+    for k, v in cfg.to_dict().items():
+        if dataclasses.is_dataclass(getattr(cfg, k)):
+            out.update({f"{k}.{sk}": sv for sk, sv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def _covered(key: str, names) -> str | None:
+    """The entry of ``names`` (keys, or sections ending in '.') that covers ``key``."""
+    return next((n for n in names if key == n or (n.endswith(".") and key.startswith(n))), None)
+
+
+def resume_config(saved: Config, requested: Config) -> tuple[Config, list[tuple[str, Any, Any]]]:
+    """The configuration a resumed run continues with, and its changes ``[(key, old, new)]``
+    in the order of the configuration's keys.
+
+    ``saved`` is the run's ``config.yaml``, ``requested`` the configuration asked for. The keys of
+    :data:`RESUME_SAFE` take the requested values, the :data:`RESUME_LOCATION` keys keep the saved
+    ones, and any other difference is a :class:`ConfigError` naming every such key and why.
+    """
+    old, new = _flatten(saved), _flatten(requested)
+    changes, refused = [], []
+    for key, value in new.items():
+        if value == old[key] or key in RESUME_LOCATION:
+            continue
+        if _covered(key, RESUME_SAFE):
+            changes.append((key, old[key], value))
+        else:
+            refused.append(f"{key} ({old[key]!r} -> {value!r}: {RESUME_REFUSED[_covered(key, RESUME_REFUSED)]})")
+    if refused:
+        raise ConfigError(f"a resumed run cannot change {'; '.join(refused)}. Only these keys may change on resume: "
+                          f"{', '.join(k + '*' if k.endswith('.') else k for k in RESUME_SAFE)}; to train with the "
+                          f"others, start a new run (another --name)")
+    cfg = Config()
+    _merge_into(cfg, {**requested.to_dict(), **{k: getattr(saved, k) for k in RESUME_LOCATION}})
+    validate(cfg)
+    return cfg, changes

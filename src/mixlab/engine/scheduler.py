@@ -82,6 +82,20 @@ class WarmupScheduler(LRScheduler):
             lr = base_lr
         return lr_scale * lr
 
+    def continue_at(self, step: int) -> None:
+        """Put this schedule at ``step`` and set the optimizer's learning rates to its values there.
+
+        For a resumed run whose learning rate or schedule changed: build the new schedule, load
+        the optimizer's state (which brings back the old groups' ``lr`` and ``initial_lr``), then
+        call this with the step the run reached instead of ``load_state_dict`` (which would bring
+        back the old schedule). Each group gets ``initial_lr`` = this schedule's base lr and
+        ``lr`` = its value at ``step``, times the group's ``lr_scale``.
+        """
+        self.last_epoch = step
+        self._last_lr = self.get_lr()
+        for group, base, lr in zip(self.optimizer.param_groups, self.base_lrs, self._last_lr):
+            group["initial_lr"], group["lr"] = base, lr
+
     def get_lr(self) -> list[float]:
         """The learning rates of all groups at the current step (``last_epoch``)."""
         if len(self.lr_scales) != len(self.base_lrs):

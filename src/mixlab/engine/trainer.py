@@ -7,7 +7,10 @@ of steps, evaluation, metrics and checkpoints.
 ``checkpoint.every_steps`` it checkpoints inside epochs too, and ``resume=True`` continues
 from the newest complete checkpoint exactly — same weights, optimizer, schedule, EMA,
 sampler position and random streams — so an interrupted and resumed run ends with the
-weights of an uninterrupted one.
+weights of an uninterrupted one. A resume whose configuration changes keys of
+:data:`mixlab.config.RESUME_SAFE` (more epochs, a lower lr, ...) goes on with them from that
+checkpoint, on the schedule of the new configuration at the step reached, and records each
+change in the run's ``config_history.jsonl``; other changes are refused.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import hashlib
 import json
 import re
 import resource
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,7 +29,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..analysis import count_macs, count_params
-from ..config import RUN_CONFIG, Config, ConfigError, load_run_config
+from ..config import CONFIG_HISTORY, RUN_CONFIG, Config, ConfigError, load_run_config, resume_config
 from ..data import mix_seed
 from ..factory import create_model
 from ..fileio import write_atomic
@@ -103,11 +107,9 @@ class Trainer:
         if cfg.train.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError("train.amp fp16 needs a CUDA device; on the CPU use bf16 (or none)")
         self.run_dir = resolve_run_dir(cfg, run_dir, resume)
-        if resume and (self.run_dir / RUN_CONFIG).exists():  # a resumed run keeps its own configuration
-            saved = load_run_config(self.run_dir)
-            if saved.to_dict() != cfg.to_dict():
-                _log(dinfo, f"resuming {self.run_dir} with the configuration it was started with")
-            cfg = saved
+        self.changes: list[tuple] = []  # (key, old, new): what this resume changes (config.RESUME_SAFE keys only)
+        if resume and (self.run_dir / RUN_CONFIG).exists():  # a resumed run keeps its configuration but safe changes
+            cfg, self.changes = resume_config(load_run_config(self.run_dir), cfg)
         self.cfg, self.tc, self.resume = cfg, cfg.train, resume
         self.task = build_task(cfg, dinfo)
         torch.manual_seed(self.tc.seed)
@@ -183,13 +185,23 @@ class Trainer:
             check_compatible(self.raw_model, weights, meta)
             self.raw_model.load_state_dict(weights)
             self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            if self.changes:  # the new lr and schedule (built for the new length) go on from the step reached
+                self.scheduler.continue_at(state["scheduler"]["last_epoch"])
+            else:
+                self.scheduler.load_state_dict(state["scheduler"])
             if self.ema is not None and "ema" in state:
                 self.ema.load_state_dict(state["ema"])
             if self.scaler.is_enabled() and "scaler" in state:
                 self.scaler.load_state_dict(state["scaler"])
             self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
             self.train_time, self.images_seen = state["train_time"], state["images_seen"]
+            done = self.epoch + (self.batch_in_epoch > 0)  # epochs begun
+            if self.tc.epochs < done:
+                trained = f"{self.epoch} epochs"
+                if self.batch_in_epoch:
+                    trained += f" and {self.batch_in_epoch} batches"
+                raise ConfigError(f"train.epochs {self.tc.epochs}: the run has already trained {trained}; "
+                                  f"give at least {done}")
             set_rng_state(state["rng"])
             _log(self.dinfo, f"resumed from {latest.name}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}, "
                              f"step {self.step}")
@@ -202,6 +214,7 @@ class Trainer:
         dinfo = self.dinfo
         if dinfo.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._record_changes()
             self.cfg.save(self.run_dir / RUN_CONFIG)
         barrier(dinfo)
         self.metrics = MetricsLog(self.run_dir) if dinfo.is_main else None
@@ -214,10 +227,25 @@ class Trainer:
         if self.tc.compile:
             self.model = torch.compile(self.model)
 
+    def _record_changes(self) -> None:
+        """Append this resume's configuration changes to ``config_history.jsonl``, each with the position it
+        takes effect at (``step`` optimizer steps and ``epoch`` epochs done, ``batch_in_epoch`` batches into the
+        next); config.yaml, written next, is the configuration from then on."""
+        if not self.changes:
+            return
+        when = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        lines = "".join(json.dumps({**when, "key": k, "old": old, "new": new}) + "\n" for k, old, new in self.changes)
+        with open(self.run_dir / CONFIG_HISTORY, "a") as f:
+            f.write(lines)
+        _log(self.dinfo, f"changed on resume at step {self.step}: "
+                         + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in self.changes))
+
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> dict:
         if self._resume():
-            _log(self.dinfo, f"{self.run_dir} is already complete")
+            unchanged = f"; nothing was changed (give more than {self.tc.epochs} --epochs to train on)"
+            _log(self.dinfo, f"{self.run_dir} is already complete" + (unchanged if self.changes else ""))
             return json.loads((self.run_dir / "summary.json").read_text())
         self._open_run_dir()
         cfg, tc, info = self.cfg, self.tc, self.info
@@ -280,10 +308,13 @@ class Trainer:
         if all_reduce_sum(bad, self.dinfo).item() > 0:
             where = f"optimizer step {self.step + 1} (epoch {self.epoch + 1}, batch {i + 1})"
             good = self.ckpt.latest()
+            go_on = "To go on from it" if good else "To start again"
+            amp = ", or turn mixed precision off with --amp none" if self.tc.amp != "none" else ""
             raise TrainingDiverged(
                 f"the loss became {loss.item()} at {where}; training stopped and nothing was overwritten. "
                 f"The last good checkpoint is {good if good else 'none (no checkpoint was written yet)'}. "
-                f"Lower optimizer.lr, set optimizer.clip_grad, or turn amp off, then --resume.")
+                f"{go_on} with half the learning rate: mixlab train --resume {shlex.quote(str(self.run_dir))} "
+                f"--lr {self.lr / 2:.3g} (or clip the gradients with --set optimizer.clip_grad=1.0{amp}).")
 
     def _optimizer_step(self) -> None:
         clip = self.cfg.optimizer.clip_grad

@@ -151,11 +151,13 @@ def test_a_refused_new_run_in_a_finished_directory_removes_nothing(tmp_path):
 
 
 def test_a_failed_start_leaves_no_directory(tmp_path):
-    layer = {**SMALL, "name": "bad", "output_dir": str(tmp_path),
+    # the lock creates the run directory (and its output directory) first: a run that fails while it
+    # sets up removes them again, as before there was a lock
+    layer = {**SMALL, "name": "bad", "output_dir": str(tmp_path / "out" / "deeper"),
              "data": {"name": "imagefolder", "root": str(tmp_path / "missing"), "img_size": 16}}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="missing"):
         train(build_config(json.loads(json.dumps(layer))))
-    assert not (tmp_path / "bad").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_directory_lock_is_exclusive_and_released(tmp_path):

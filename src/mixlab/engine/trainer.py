@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import re
 import resource
@@ -104,9 +105,10 @@ def hold_run_dir(run_dir: Path, dinfo: DistInfo):
     """Hold ``run_dir`` for this run: the main process takes its lock (creating the directory),
     and every process raises ConfigError naming the holder when another process has it. A run
     that fails before it wrote ``config.yaml`` into a directory this call created leaves none."""
-    lock, refusal, created = None, None, False
+    lock, refusal, created = None, None, []
     if dinfo.is_main:
-        created = not run_dir.exists()
+        here = run_dir.absolute()
+        created = list(itertools.takewhile(lambda d: not d.exists(), (here, *here.parents)))  # deepest first
         try:
             lock = DirectoryLock(run_dir)
         except DirectoryBusy as e:
@@ -121,7 +123,7 @@ def hold_run_dir(run_dir: Path, dinfo: DistInfo):
     except BaseException:
         if lock is not None and created and not (run_dir / RUN_CONFIG).exists():
             lock.release(remove=True)  # nothing of a run was written: leave no directory behind
-            for d in (run_dir / "checkpoints", run_dir):
+            for d in (run_dir / "checkpoints", *created):
                 with contextlib.suppress(OSError):
                     d.rmdir()  # only if empty
         raise
@@ -134,11 +136,12 @@ class Trainer:
     """One training run of one process: ``Trainer(cfg, dinfo, run_dir, resume).run()``.
 
     The steps, in order: set-up (``__init__``: configuration, task, data, model, optimization,
-    checkpoints), ``_resume``, ``_remove_temporaries``, ``_open_run_dir``, then per epoch ``_train_epoch`` (micro-batches,
-    ``_optimizer_step``, mid-epoch ``_save``) and ``_end_epoch`` (``_evaluate``, the metrics row),
-    ``_save``, and ``_finish`` (``summary.json``). What the model learns, from which data and how
-    it is evaluated is the task's (:mod:`mixlab.engine.tasks`); the loop knows no task.
-    The run directory is this process's while it runs (:func:`train` holds its lock).
+    checkpoints), ``_resume``, ``_remove_temporaries``, ``_open_run_dir``, then per epoch
+    ``_train_epoch`` (micro-batches, ``_optimizer_step``, mid-epoch ``_save``) and ``_end_epoch``
+    (``_evaluate``, the metrics row), ``_save``, and ``_finish`` (``summary.json``). What the model
+    learns, from which data and how it is evaluated is the task's (:mod:`mixlab.engine.tasks`); the
+    loop knows no task. The run directory is this process's while it runs (:func:`train` holds its
+    lock).
     """
 
     def __init__(self, cfg: Config, dinfo: DistInfo, run_dir, resume: bool):

@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 from ..config import RUN_CONFIG, Config, ConfigError, build_config
 from ..engine.metrics import MetricsLog
-from ..fileio import write_atomic
+from ..fileio import DirectoryBusy, DirectoryLock, write_atomic
 from ..engine.trainer import model_slug
 from ..models.nano import LINE_UPS
 from ..runs import check_class_scores
@@ -352,22 +352,12 @@ def run_arena(s: ArenaSettings, quiet: bool = False) -> dict:
         run_config(base, m, 0)
     out = arena_dir(s, base)
     out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
     try:
-        return ArenaRun(s, base, out, quiet).run(write_report)
-    finally:
-        lock.close()
-
-
-def _lock(out: Path):
-    import fcntl
-    f = open(out / ".lock", "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
+        lock = DirectoryLock(out)
+    except DirectoryBusy:
         raise ConfigError(f"another arena is running in {out}; wait for it, or use another --out") from None
-    return f
+    with lock:
+        return ArenaRun(s, base, out, quiet).run(write_report)
 
 
 class PlannedRun(NamedTuple):

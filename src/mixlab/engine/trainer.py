@@ -6,16 +6,19 @@ of steps, evaluation, metrics and checkpoints.
 ``torchrun`` with DistributedDataParallel. It is safe to interrupt: with
 ``checkpoint.every_steps`` it checkpoints inside epochs too, and ``resume=True`` continues
 from the newest complete checkpoint exactly — same weights, optimizer, schedule, EMA,
-sampler position and random streams — so an interrupted and resumed run ends with the
-weights of an uninterrupted one. A resume whose configuration changes keys of
-:data:`mixlab.config.RESUME_SAFE` (more epochs, a lower lr, ...) goes on with them from that
-checkpoint, on the schedule of the new configuration at the step reached, and records each
-change in the run's ``config_history.jsonl``; other changes are refused.
+sampler position, random streams and the epoch's running loss — so an interrupted and resumed
+run ends with the weights and metrics of an uninterrupted one. A resume whose configuration changes
+keys of :data:`mixlab.config.RESUME_SAFE` (more epochs, a lower lr, ...) goes on with them from that
+checkpoint, on the schedule of the new configuration at the step reached, and records each change
+in the run's ``config_history.jsonl``; other changes are refused. One process at a time trains a
+run directory: ``train`` holds its lock (:class:`mixlab.fileio.DirectoryLock`) from before the
+first check to the end, and a second writer is refused naming the holder.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import re
 import resource
@@ -32,10 +35,10 @@ from ..analysis import count_macs, count_params
 from ..config import CONFIG_HISTORY, RUN_CONFIG, Config, ConfigError, load_run_config, resume_config
 from ..data import mix_seed
 from ..factory import create_model
-from ..fileio import write_atomic
+from ..fileio import DirectoryBusy, DirectoryLock, remove_temporaries, write_atomic
 from ..weights import check_compatible, checkpoint_metadata
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
-from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
 from .ema import ModelEma
 from .metrics import MetricsLog
 from .optim import build_optimizer
@@ -71,10 +74,18 @@ def model_slug(name: str) -> str:
     return slug
 
 
-def resolve_run_dir(cfg: Config, run_dir=None, resume: bool = False) -> Path:
+def run_dir_path(cfg: Config, run_dir=None) -> Path:
+    """The run directory: ``run_dir`` if given, else ``output_dir/name`` (``name`` defaults to
+    ``<model>-<data>``)."""
     if run_dir is None:
         run_dir = Path(cfg.output_dir) / (cfg.name or f"{model_slug(cfg.model.name)}-{cfg.data.name}")
-    run_dir = Path(run_dir)
+    return Path(run_dir)
+
+
+def resolve_run_dir(cfg: Config, run_dir=None, resume: bool = False) -> Path:
+    """The run directory; a new run (not ``resume``) is refused where one is already (checked
+    holding the directory's lock, see :func:`hold_run_dir`)."""
+    run_dir = run_dir_path(cfg, run_dir)
     if not resume and (run_dir / RUN_CONFIG).exists():
         raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; pass --resume to continue it, "
                           f"or choose another --name / --output")
@@ -86,19 +97,55 @@ def train(cfg: Config, run_dir=None, resume: bool = False) -> dict:
     """Train and evaluate ``cfg``; returns the summary (also written to ``summary.json``)."""
     dinfo = init_distributed(cfg.train.device)
     try:
-        return Trainer(cfg, dinfo, run_dir, resume).run()
+        run_dir = run_dir_path(cfg, run_dir)
+        with hold_run_dir(run_dir, dinfo):
+            return Trainer(cfg, dinfo, run_dir, resume).run()
     finally:
         cleanup(dinfo)
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: Path, dinfo: DistInfo):
+    """Hold ``run_dir`` for this run: the main process takes its lock (creating the directory),
+    and every process raises ConfigError naming the holder when another process has it. A run
+    that fails before it wrote ``config.yaml`` into a directory this call created leaves none."""
+    lock, refusal, created = None, None, []
+    if dinfo.is_main:
+        here = run_dir.absolute()
+        created = list(itertools.takewhile(lambda d: not d.exists(), (here, *here.parents)))  # deepest first
+        try:
+            lock = DirectoryLock(run_dir)
+        except DirectoryBusy as e:
+            who = f"process {e.pid} ({e.command})" if e.pid is not None else "another process"
+            refusal = (f"run directory {str(run_dir)!r} is being trained by {who}; wait for it to finish, or choose "
+                       f"another --name / --output")
+    refusal = broadcast_object(refusal, dinfo)  # under torchrun: the other ranks refuse too
+    if refusal is not None:
+        raise ConfigError(refusal)
+    try:
+        yield
+    except BaseException:
+        if lock is not None and created and not (run_dir / RUN_CONFIG).exists():
+            lock.release(remove=True)  # nothing of a run was written: leave no directory behind
+            for d in (run_dir / "checkpoints", *created):
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only if empty
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 class Trainer:
     """One training run of one process: ``Trainer(cfg, dinfo, run_dir, resume).run()``.
 
     The steps, in order: set-up (``__init__``: configuration, task, data, model, optimization,
-    checkpoints), ``_resume``, ``_open_run_dir``, then per epoch ``_train_epoch`` (micro-batches,
-    ``_optimizer_step``, mid-epoch ``_save``) and ``_end_epoch`` (``_evaluate``, the metrics row),
-    ``_save``, and ``_finish`` (``summary.json``). What the model learns, from which data and how
-    it is evaluated is the task's (:mod:`mixlab.engine.tasks`); the loop knows no task.
+    checkpoints), ``_resume``, ``_remove_temporaries``, ``_open_run_dir``, then per epoch
+    ``_train_epoch`` (micro-batches, ``_optimizer_step``, mid-epoch ``_save``) and ``_end_epoch``
+    (``_evaluate``, the metrics row), ``_save``, and ``_finish`` (``summary.json``). What the model
+    learns, from which data and how it is evaluated is the task's (:mod:`mixlab.engine.tasks`); the
+    loop knows no task. The run directory is this process's while it runs (:func:`train` holds its
+    lock).
     """
 
     def __init__(self, cfg: Config, dinfo: DistInfo, run_dir, resume: bool):
@@ -126,6 +173,7 @@ class Trainer:
                                             model_kwargs=cfg.model.kwargs, classes=info.classes, task=cfg.task)
         # the position and the account of the run (restored by _resume)
         self.epoch, self.step, self.batch_in_epoch, self.train_time, self.images_seen = 0, 0, 0, 0.0, 0
+        self.loss_sum, self.loss_n = 0.0, 0  # the running train loss of the epoch (its metrics row)
         self.last_eval: dict = {}
         self.ema_eval: dict = {}
         self.metrics: MetricsLog | None = None  # the main process's metric files and TensorBoard (_open_run_dir)
@@ -202,12 +250,23 @@ class Trainer:
                     trained += f" and {self.batch_in_epoch} batches"
                 raise ConfigError(f"train.epochs {self.tc.epochs}: the run has already trained {trained}; "
                                   f"give at least {done}")
+            # a mid-epoch checkpoint's running loss (older checkpoints lack it: the epoch's row then covers
+            # only the batches after the resume)
+            self.loss_sum, self.loss_n = state.get("epoch_loss_sum", 0.0), state.get("epoch_loss_n", 0)
             set_rng_state(state["rng"])
             _log(self.dinfo, f"resumed from {latest.name}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}, "
                              f"step {self.step}")
         elif self.resume:
             _log(self.dinfo, f"nothing to resume in {self.run_dir}; starting from the beginning")
         return self.epoch >= self.tc.epochs and latest is not None and (self.run_dir / "summary.json").exists()
+
+    def _remove_temporaries(self) -> None:
+        """Delete the temporary files of writes that a kill interrupted (safe: no other process writes here)."""
+        if self.dinfo.is_main:
+            removed = remove_temporaries(self.run_dir) + remove_temporaries(self.run_dir / "checkpoints")
+            if removed:
+                _log(self.dinfo, f"removed {len(removed)} temporary file(s) left by an interrupted write: "
+                                 + ", ".join(str(p.relative_to(self.run_dir)) for p in removed))
 
     def _open_run_dir(self) -> None:
         """Write config.yaml, open the metric logs, and wrap the model for DDP / torch.compile."""
@@ -247,6 +306,7 @@ class Trainer:
             unchanged = f"; nothing was changed (give more than {self.tc.epochs} --epochs to train on)"
             _log(self.dinfo, f"{self.run_dir} is already complete" + (unchanged if self.changes else ""))
             return json.loads((self.run_dir / "summary.json").read_text())
+        self._remove_temporaries()
         self._open_run_dir()
         cfg, tc, info = self.cfg, self.tc, self.info
         _log(self.dinfo, f"training {cfg.model.name} ({self.params / 1e6:.2f}M params, {self.macs / 1e9:.3f} GMACs "
@@ -265,7 +325,7 @@ class Trainer:
         self.sampler.set_epoch(self.epoch)
         self.sampler.set_start(self.batch_in_epoch * tc.batch_size)
         self.model.train()
-        self.loss_sum, self.loss_n, self.epoch_images, self.t_epoch = 0.0, 0, 0, time.time()
+        self.epoch_images, self.t_epoch = 0, time.time()
         show_bar = str(log.progress).lower() == "true" or (str(log.progress).lower() == "auto" and sys.stderr.isatty())
         bar = _progress(show_bar and dinfo.is_main, self.batches_per_epoch, self.batch_in_epoch, self.epoch,
                         tc.epochs)
@@ -345,6 +405,7 @@ class Trainer:
         row = {"epoch": self.epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
                "train_loss": self.loss_sum / max(self.loss_n, 1),
                "train_images_per_s": self.images_seen / max(self.train_time, 1e-9)}
+        self.loss_sum, self.loss_n = 0.0, 0
         if self.epoch % tc.eval_every == 0 or self.epoch == tc.epochs:
             row.update(self._evaluate())
         row["wall_s"] = time.time() - self.t_start
@@ -372,7 +433,8 @@ class Trainer:
         """Checkpoint the weights and the training state at (``epoch``, ``batch_in_epoch``)."""
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "epoch": epoch,
                  "step": self.step, "batch_in_epoch": batch_in_epoch, "train_time": self.train_time,
-                 "images_seen": self.images_seen, "rng": rng_state()}
+                 "images_seen": self.images_seen, "rng": rng_state(),
+                 "epoch_loss_sum": self.loss_sum, "epoch_loss_n": self.loss_n}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         if self.scaler.is_enabled():

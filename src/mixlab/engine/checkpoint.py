@@ -160,7 +160,6 @@ class CheckpointManager:
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' (higher metric is better) or 'min' (lower is better), got {mode!r}")
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.keep_last = keep_last
         self.keep_best = keep_best
         self.mode = mode

@@ -51,6 +51,18 @@ def pick_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(kind)
 
 
+def device_memory(device: torch.device) -> int | None:
+    """Total bytes of memory of ``device`` (a GPU's, or the machine's RAM for the CPU); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):
+            return None
+    return None
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1): nccl on CUDA,
     gloo on CPU. A plain ``python``/``mixlab`` launch is a world of one."""

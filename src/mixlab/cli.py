@@ -600,7 +600,8 @@ def cmd_scale(args) -> int:
     batches = _int_list(args.batch_sizes, "--batch-sizes")
     kwargs = _model_options(args.set or [])
     from .engine.distributed import pick_device
-    device = pick_device(args.device).type if args.device == "auto" else args.device  # checked: one of the choices
+    picked = pick_device(args.device)  # a ValueError naming the choices for another string
+    device = picked.type if args.device == "auto" else args.device
     results = []
     for name in args.models:
         build = lambda size, name=name: create_model(name, img_size=size, **kwargs)  # noqa: E731

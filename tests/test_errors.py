@@ -156,6 +156,18 @@ def test_a_full_disk_during_training_says_the_checkpoint_is_intact(monkeypatch, 
     assert "No space left on device" in err and "checkpoint is intact" in err and "--resume" in err
 
 
+@pytest.mark.parametrize("raised", [
+    Exception("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors' own
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),  # torch.save's
+])
+def test_a_full_disk_seen_by_a_file_writer_is_status_4(raised, monkeypatch, capsys):
+    def full(args):  # what a checkpoint write on a full disk raises (watched on a 150 KB tmpfs)
+        raise raised
+    monkeypatch.setattr(cli, "cmd_train", full)
+    assert main(["train", "--model", "nano_vit"]) == 4
+    assert "--resume" in _one_line_error(capsys, "train")
+
+
 def test_an_unexpected_error_shows_its_traceback_and_says_it_is_a_bug(monkeypatch, capsys):
     def broken(args):
         return 1 // 0

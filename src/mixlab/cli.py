@@ -662,6 +662,19 @@ def _out_of_memory(e: BaseException) -> bool:
                                          or "out of memory" in text))
 
 
+def _failed_write(e: BaseException) -> OSError | None:
+    """The operating-system error behind a file writer's own exception (safetensors names it; torch.save's
+    zip writer reports only a short write, which a full disk causes), as an OSError; None for other errors."""
+    import errno
+    text = str(e)
+    if "os error 28" in text or "No space left on device" in text:
+        return OSError(errno.ENOSPC, "No space left on device")
+    if "inline_container.cc" in text and ("unexpected pos" in text or "failed writing" in text
+                                          or "file write failed" in text):
+        return OSError(errno.EIO, "writing a file failed (is the disk full?)")
+    return None
+
+
 def _os_error(command: str, e: OSError) -> str:
     """One line for an operating-system error: what failed on which path, and what to do."""
     import errno
@@ -707,6 +720,10 @@ def main(argv=None) -> int:
         if isinstance(e, TrainingDiverged):
             say(str(e))
             return 3
+        failed_write = _failed_write(e)
+        if failed_write is not None:
+            say(_os_error(args.command, failed_write))
+            return 4
         if _out_of_memory(e):
             say(f"out of memory ({' '.join(str(e).split())[:160]}); use a smaller --img-size or --batch-size")
             return 2

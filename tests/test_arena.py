@@ -109,11 +109,13 @@ def test_killed_arena_resumes_without_redoing_finished_runs(tmp_path):
 
 def test_arena_refuses_to_mix_settings_in_one_directory(tmp_path):
     out = tmp_path / "a"
-    out.mkdir()
+    started = out / "runs" / "nano_vit" / "seed0"  # a run has trained under the saved settings: they are fixed
+    started.mkdir(parents=True)
+    (started / "summary.json").write_text("{}")
     (out / "arena.json").write_text(json.dumps({"models": ["nano_vit"], "shared": {"seeds": 1, "train_config": {}}}))
     with pytest.raises(ConfigError, match="holds an arena with other settings"):
         run_arena(ArenaSettings(models=[TINY], epochs=1, out=str(out)), quiet=True)
-    assert not (out / "runs").exists()
+    assert [p.name for p in (out / "runs").iterdir()] == ["nano_vit"]
 
 
 def test_bad_models_fail_before_anything_trains(tmp_path, capsys):

@@ -618,10 +618,9 @@ def cmd_scale(args) -> int:
     resolutions = _int_list(args.resolutions, "--resolutions")
     batches = _int_list(args.batch_sizes, "--batch-sizes")
     kwargs = _model_options(args.set or [])
-    device = args.device
-    if device == "auto":
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from .engine.distributed import pick_device
+    picked = pick_device(args.device)  # a ValueError naming the choices for another string
+    device = picked.type if args.device == "auto" else args.device
     results = []
     for name in args.models:
         build = lambda size, name=name: create_model(name, img_size=size, **kwargs)  # noqa: E731
@@ -649,9 +648,22 @@ COMMANDS = (add_list_parser, add_info_parser, add_train_parser, add_eval_parser,
             add_erf_parser, add_affinity_parser, add_robustness_parser, add_scale_parser, add_recipes_parser)
 
 
+#: the exit statuses of every command (``mixlab --help`` shows them; docs/reliability.md too)
+EXIT_STATUSES = """exit status:
+  0    success
+  1    nothing matched (list), or some arena models failed (see the report)
+  2    bad usage or input: an option, a configuration, a model parameter, a file that is not what it should be
+  3    training diverged (loss NaN/inf)
+  4    an operating-system error: a path that cannot be written (a file where a directory should be, no
+       permission, disk full); a training run's last checkpoint stays intact: --resume continues it
+  130  interrupted (Ctrl-C); `mixlab train --resume RUN_DIR` continues from the last checkpoint
+  an error shown with a traceback is a bug in mixlab: please report it with the traceback"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixlab", description="Vision backbones as context aggregation: build, "
-                                "measure and compare CNNs, ViTs, MLP-Mixers and their hybrids.")
+                                "measure and compare CNNs, ViTs, MLP-Mixers and their hybrids.",
+                                epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"mixlab {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -660,23 +672,84 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocator's refusal (CPU or GPU), as PyTorch reports it."""
+    import torch
+    text = str(e)
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text
+                                         or "out of memory" in text))
+
+
+def _failed_write(e: BaseException) -> OSError | None:
+    """The operating-system error behind a file writer's own exception (safetensors names it; torch.save's
+    zip writer reports only a short write, which a full disk causes), as an OSError; None for other errors."""
+    import errno
+    text = str(e)
+    if "os error 28" in text or "No space left on device" in text:
+        return OSError(errno.ENOSPC, "No space left on device")
+    if "inline_container.cc" in text and ("unexpected pos" in text or "failed writing" in text
+                                          or "file write failed" in text):
+        return OSError(errno.EIO, "writing a file failed (is the disk full?)")
+    return None
+
+
+def _os_error(command: str, e: OSError) -> str:
+    """One line for an operating-system error: what failed on which path, and what to do."""
+    import errno
+    where = f"{e.filename}: " if e.filename else ""
+    what = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+        hint = "free some space, or write elsewhere with --output / --out"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "choose a directory you can write to (--output / --out)"
+    elif e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        hint = "a file stands where a directory is needed, or the other way round; choose another path"
+    else:
+        hint = "check the path and try again"
+    if command == "train" and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):  # while writing a checkpoint
+        hint += "; the last checkpoint is intact: `mixlab train --resume RUN_DIR` continues from it"
+    return f"{where}{what} ({hint})"
+
+
 def main(argv=None) -> int:
+    """Run one command. Every expected failure ends in one line ``mixlab CMD: error: ...`` and the
+    exit status of :data:`EXIT_STATUSES`; an unexpected one shows its traceback and says it is a bug."""
     args = build_parser().parse_args(argv)
+    say = lambda msg: print(f"mixlab {args.command}: error: {msg}", file=sys.stderr)  # noqa: E731
     try:
         return args.func(args)
     except BrokenPipeError:  # e.g. `mixlab info ... | head`
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:
+        resume = "; `mixlab train --resume RUN_DIR` continues exactly from the last checkpoint" \
+            if args.command == "train" else ""
+        print(f"mixlab {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
     except (KeyError, ValueError, TypeError, NotImplementedError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"mixlab {args.command}: error: {msg}", file=sys.stderr)
+        say(msg)
         return 2
-    except RuntimeError as e:
+    except OSError as e:
+        say(_os_error(args.command, e))
+        return 4
+    except Exception as e:
         from .engine.trainer import TrainingDiverged  # imported late: most commands never load the engine
-        if not isinstance(e, TrainingDiverged):
-            raise
-        print(f"mixlab {args.command}: error: {e}", file=sys.stderr)
-        return 3
+        if isinstance(e, TrainingDiverged):
+            say(str(e))
+            return 3
+        failed_write = _failed_write(e)
+        if failed_write is not None:
+            say(_os_error(args.command, failed_write))
+            return 4
+        if _out_of_memory(e):
+            say(f"out of memory ({' '.join(str(e).split())[:160]}); use a smaller --img-size or --batch-size")
+            return 2
+        import traceback
+        traceback.print_exc()
+        say(f"unexpected {type(e).__name__}: this is a bug in mixlab; please report it with the traceback above")
+        return 1
 
 
 if __name__ == "__main__":

@@ -245,7 +245,8 @@ def load_yaml(path) -> dict:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        from .models.spec import yaml_problem
+        raise ConfigError(f"{p}: not valid YAML ({yaml_problem(e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, ...)")
     return data
@@ -349,6 +350,25 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.keep_last must be at least 1 (the resume point), got {cfg.checkpoint.keep_last}")
     if cfg.optimizer.lr is not None and cfg.optimizer.lr <= 0:
         raise ConfigError(f"optimizer.lr must be positive, got {cfg.optimizer.lr}")
+    # values that used to be accepted and then ignored or overridden (issue 20, item 7)
+    if not isinstance(cfg.model.kwargs, dict):
+        raise ConfigError(f"model.kwargs must be a mapping of create_model arguments, got {cfg.model.kwargs!r}")
+    from_trainer = {"num_classes": "from the dataset's classes", "in_chans": "from the dataset's channels",
+                    "img_size": "from data.img_size: set that instead", "drop_path_rate": "from model.drop_path_rate: "
+                    "set that instead", "drop_rate": "from model.drop_rate: set that instead",
+                    "layer_scale": "from model.layer_scale: set that instead"}
+    for key in sorted(from_trainer.keys() & cfg.model.kwargs.keys()):
+        raise ConfigError(f"model.kwargs.{key}: the trainer sets {key} {from_trainer[key]}; remove it from "
+                          f"model.kwargs")
+    if cfg.checkpoint.every_steps < 0:
+        raise ConfigError(f"checkpoint.every_steps must be 0 (checkpoint at epoch ends only) or a number of steps, "
+                          f"got {cfg.checkpoint.every_steps}")
+    for key, v in {"data.img_size": cfg.data.img_size, "data.limit_train": cfg.data.limit_train,
+                   "data.limit_val": cfg.data.limit_val}.items():
+        if v is not None and v < 1:
+            raise ConfigError(f"{key} must be at least 1 or unset (null), got {v}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be 0 (load in the main process) or more, got {cfg.data.num_workers}")
 
 
 def config_from_dict(d: dict) -> Config:

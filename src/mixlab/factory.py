@@ -5,6 +5,7 @@ a specification (:mod:`mixlab.models.spec`), with weights loaded through :mod:`m
 """
 from __future__ import annotations
 
+import numbers
 import os
 from functools import partial
 from typing import Any, Mapping
@@ -16,7 +17,34 @@ from .models.spec import check_spec, create_from_spec, is_spec
 from .registry import default_weights, model_entrypoint, resolve_name
 from .weights import architecture_kwargs, describe_source, load_state, metadata_config, read_checkpoint
 
-__all__ = ["create_model", "create_pretrained", "check_model_name"]
+__all__ = ["create_model", "create_pretrained", "check_model_name", "check_common_kwargs"]
+
+
+#: the largest input side and channel count a model is built for (far beyond any real input: a
+#: larger one is a typing error, and would fail later in an allocator)
+MAX_IMG_SIZE = 16384
+MAX_IN_CHANS = 4096
+
+
+def _count(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_common_kwargs(kwargs: dict) -> None:
+    """A ValueError for a common argument of ``create_model`` no model can be built with:
+    ``in_chans`` and ``img_size`` (an int or an (H, W) pair) positive and plausible,
+    ``num_classes`` at least 0 (0: no classifier)."""
+    if "in_chans" in kwargs and not (_count(kwargs["in_chans"]) and 1 <= kwargs["in_chans"] <= MAX_IN_CHANS):
+        raise ValueError(f"in_chans must be an integer from 1 to {MAX_IN_CHANS} (input channels), "
+                         f"got {kwargs['in_chans']!r}")
+    if kwargs.get("img_size") is not None:
+        size = kwargs["img_size"]
+        sides = list(size) if isinstance(size, (list, tuple)) else [size]
+        if len(sides) not in (1, 2) or not all(_count(v) and 1 <= v <= MAX_IMG_SIZE for v in sides):
+            raise ValueError(f"img_size must be an integer from 1 to {MAX_IMG_SIZE} (the square side) or an (H, W) "
+                             f"pair of them, got {size!r}")
+    if "num_classes" in kwargs and not (_count(kwargs["num_classes"]) and kwargs["num_classes"] >= 0):
+        raise ValueError(f"num_classes must be an integer >= 0 (0: no classifier), got {kwargs['num_classes']!r}")
 
 
 def check_model_name(name: str) -> None:
@@ -54,6 +82,7 @@ def create_model(name: str, pretrained: bool | str | os.PathLike | Mapping = Fal
     records where the weights came from, ``pretrained_cfg["classes"]`` the class names a mixlab
     checkpoint records (when the model keeps its classifier).
     """
+    check_common_kwargs(kwargs)
     fn = partial(create_from_spec, name) if is_spec(name) else model_entrypoint(name)
     if not pretrained and not isinstance(pretrained, Mapping):  # False, None, ""
         model = fn(**kwargs)

@@ -6,7 +6,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import ConfigError, load_run_config
+from .config import RUN_CONFIG, Config, ConfigError, load_run_config
 from .engine.checkpoint import CheckpointManager, load_state
 from .engine.distributed import DistInfo, init_distributed
 from .engine.ema import ModelEma
@@ -125,7 +125,12 @@ def evaluate_run(path, data: str | None = None, data_root: str | None = None, us
 
     The class names the checkpoint records must be the data's (:func:`check_classes`; with
     ``allow_class_mismatch`` a difference is a warning instead of a ConfigError)."""
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     run_dir, weights_path = _run_weights(path, use_ema)
+    if not (run_dir / RUN_CONFIG).is_file() and not Path(path).is_dir():
+        return _evaluate_weights_file(weights_path, data, data_root, use_ema, device, batch_size,
+                                      allow_class_mismatch)
     cfg = load_run_config(run_dir)
     if data:
         cfg.data.name = data
@@ -143,3 +148,39 @@ def evaluate_run(path, data: str | None = None, data_root: str | None = None, us
     result = task.evaluate(model, val.val_loader)
     result.update(checkpoint=str(weights_path), data=val.info.name, model=cfg.model.name)
     return result
+
+
+def _evaluate_weights_file(weights_path: Path, data: str | None, data_root: str | None, use_ema: bool, device: str,
+                           batch_size: int | None, allow_class_mismatch: bool = False) -> dict:
+    """Evaluate a classifier's weights file outside a run (``mixlab convert``'s output, or a checkpoint
+    copied out of its run): the model its mixlab metadata names, on the validation split of ``data``."""
+    _, metadata = load_weights(weights_path)
+    arch = metadata.get("architecture")
+    where = f"{weights_path} is not inside a mixlab run (no {RUN_CONFIG} in {str(weights_path.parent.parent)!r})"
+    if not arch:
+        raise ConfigError(f"{where} and has no mixlab metadata naming its model; give a run directory, or convert "
+                          f"the file first: mixlab convert {weights_path} OUT.safetensors --model NAME")
+    if not data:
+        raise ConfigError(f"{where}: name the dataset to evaluate its {arch} model on with --data (its validation "
+                          f"split; the same classes)")
+    if use_ema:
+        raise ConfigError(f"{where}: --ema reads the EMA weights of a run's checkpoint; evaluate the file without it")
+    cfg = Config()
+    cfg.model.name, cfg.data.name, cfg.data.root, cfg.train.device = arch, data, data_root, device
+    _, h, w = metadata_config(metadata).get("input_size", (None, None, None))
+    if h is not None and h == w:
+        cfg.data.img_size = h  # the size the weights were made for (the dataset's images are resized to it)
+    if batch_size:
+        cfg.train.batch_size = batch_size
+    dinfo = init_distributed(device)
+    task = get_task("classification")(cfg, dinfo)
+    val = task.build_data(with_train=False)
+    check_classes(metadata_config(metadata).get("classes"), val.info.classes, str(weights_path), allow_class_mismatch)
+    model = create_model(arch, pretrained=str(weights_path), in_chans=val.info.in_chans, img_size=val.info.img_size)
+    if model.num_classes != val.info.num_classes:
+        raise ConfigError(f"{weights_path} classifies {model.num_classes} classes, {data} has {val.info.num_classes}; "
+                          f"evaluate it on a dataset with its classes")
+    result = task.evaluate(model.eval().to(dinfo.device), val.val_loader)
+    result.update(checkpoint=str(weights_path), data=val.info.name, model=arch)
+    return result
+

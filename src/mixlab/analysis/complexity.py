@@ -131,6 +131,26 @@ EXTRA_FLOP_FORMULAS = {
 }
 
 
+def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the outputs of every leaf module in ``model(x)``: a lower bound of the activations
+    a training step keeps for its backward pass. Meant for the ``meta`` device (nothing is allocated)."""
+    total = 0
+
+    def add(module, args, output):
+        nonlocal total
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        total += sum(t.numel() * t.element_size() for t in outputs if isinstance(t, torch.Tensor))
+
+    handles = [m.register_forward_hook(add) for m in model.modules() if not any(True for _ in m.children())]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
 def count_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]:
     """Total MACs of ``model(x)`` and MACs per module (keys: module names, '' = whole model).
 

@@ -98,7 +98,7 @@ def base_config(s: ArenaSettings) -> Config:
     flags: dict = {"model": {"name": s.models[0]}, "data": {"name": s.data}, "train": {"device": s.device}}
     if s.data_root:
         flags["data"]["root"] = s.data_root
-    if s.img_size:
+    if s.img_size is not None:  # 0 or less: refused by the configuration's check
         flags["data"]["img_size"] = s.img_size
     if s.batch_size:
         flags["train"]["batch_size"] = s.batch_size
@@ -350,6 +350,10 @@ def run_arena(s: ArenaSettings, quiet: bool = False) -> dict:
     base = base_config(s)
     for m in s.models:  # every name or spec is checked before anything trains
         run_config(base, m, 0)
+    if s.train:  # the data and the device too: a wrong root or device fails here, not in every run
+        from ..engine.distributed import pick_device
+        pick_device(s.device)
+        _native_size(base)
     out = arena_dir(s, base)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -439,6 +443,12 @@ class ArenaRun:
         arena_file = self.out / ARENA_FILE
         if arena_file.exists():
             saved = json.loads(arena_file.read_text())
+            if saved.get("shared") != shared and not self._any_run_started():
+                # nothing trained under the old settings (e.g. a first attempt with a wrong data root): replace
+                # them, and the configurations its runs were given
+                for config in self.runs.glob(f"*/seed*/{RUN_CONFIG}"):
+                    config.unlink()
+                saved = {"models": [], "shared": shared}
             if saved.get("shared") != shared:
                 diff = _first_difference(saved.get("shared", {}), shared)
                 raise ConfigError(f"{self.out} holds an arena with other settings ({diff}); rerun with the settings "
@@ -448,6 +458,10 @@ class ArenaRun:
             models = list(self.s.models)
         write_atomic(arena_file, json.dumps({"models": models, "shared": shared}, indent=2) + "\n")
         return shared
+
+    def _any_run_started(self) -> bool:
+        """Whether a run of this arena has written a checkpoint (or finished): then its settings are fixed."""
+        return any(self.runs.glob("*/seed*/summary.json")) or any(self.runs.glob("*/seed*/checkpoints/ckpt-*"))
 
     def planned_runs(self) -> list[PlannedRun]:
         """Every (model, seed), seed-major: a partial arena already has every model once."""

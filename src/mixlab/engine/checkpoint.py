@@ -138,7 +138,7 @@ class CheckpointManager:
     ``latest.json`` is updated (for people and tools; :meth:`latest` scans the files).
 
     Args:
-        directory: created if needed.
+        directory: created by the first save (reading an absent one finds no checkpoint and writes nothing).
         keep_last: how many complete checkpoints to keep (>= 1). Older ones are deleted
             after a new one is complete, never before; the one just written is always kept.
         keep_best: hard-link (or copy) the weights of the checkpoint with the best
@@ -160,7 +160,6 @@ class CheckpointManager:
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' (higher metric is better) or 'min' (lower is better), got {mode!r}")
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.keep_last = keep_last
         self.keep_best = keep_best
         self.mode = mode

@@ -25,15 +25,42 @@ class DistInfo:
         return self.rank == 0
 
 
+#: the device strings every command accepts (``--device``, ``train.device``)
+DEVICE_CHOICES = "auto | cpu | cuda | cuda:N | mps"
+
+
 def pick_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
-    if spec == "auto":
+    """The device a device string names: ``auto`` (the process's GPU if there is one, else the CPU),
+    ``cpu``, ``cuda`` (the process's GPU), ``cuda:N`` or ``mps``; a ValueError naming the choices
+    for anything else, or for a device this machine does not have."""
+    text = str(spec).strip().lower()
+    if text == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device is {spec!r} but no CUDA device is available; use 'cpu' or 'auto'")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device(f"cuda:{local_rank}")
-    return dev
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(f"device {spec!r} is not one of {DEVICE_CHOICES}")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r}: no CUDA device is available; use 'cpu' or 'auto'")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return torch.device(f"cuda:{index or local_rank}")
+    if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device {spec!r}: MPS (Apple's GPU) is not available here; use 'cpu' or 'auto'")
+    return torch.device(kind)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Total bytes of memory of ``device`` (a GPU's, or the machine's RAM for the CPU); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):
+            return None
+    return None
 
 
 def init_distributed(device: str = "auto") -> DistInfo:

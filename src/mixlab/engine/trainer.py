@@ -31,14 +31,15 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..analysis import count_macs, count_params
+from ..analysis import activation_bytes, count_macs, count_params
 from ..config import CONFIG_HISTORY, RUN_CONFIG, Config, ConfigError, load_run_config, resume_config
 from ..data import mix_seed
 from ..factory import create_model
 from ..fileio import DirectoryBusy, DirectoryLock, remove_temporaries, write_atomic
 from ..weights import check_compatible, checkpoint_metadata
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
-from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
+from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, device_memory,
+                          init_distributed)
 from .ema import ModelEma
 from .metrics import MetricsLog
 from .optim import build_optimizer
@@ -198,7 +199,22 @@ class Trainer:
         with torch.device("meta"):
             meta = create_model(cfg.model.name, **kw).eval()
             self.macs, _ = count_macs(meta, torch.empty(1, info.in_chans, info.img_size, info.img_size))
+            self._check_memory(meta)
         self.raw_model = self.model = model  # self.model becomes the DDP / compiled wrapper in _open_run_dir
+
+    def _check_memory(self, meta: nn.Module) -> None:
+        """Refuse, before anything is allocated or written, a step whose activations alone (a lower
+        bound, counted on the meta device) exceed the device's whole memory."""
+        tc, info = self.tc, self.info
+        have = device_memory(self.device)
+        need = activation_bytes(meta, torch.empty(tc.batch_size, info.in_chans, info.img_size, info.img_size,
+                                                  device="meta"))
+        need = need // 2 if tc.amp != "none" else need  # 16-bit activations
+        if have is not None and need > have:
+            raise ConfigError(f"one training step of {self.cfg.model.name} at {info.img_size}px, batch "
+                              f"{tc.batch_size}, needs more than {need / 2 ** 30:.0f} GiB for its activations, more "
+                              f"than this {self.device.type} has ({have / 2 ** 30:.0f} GiB); use a smaller "
+                              f"data.img_size (--img-size) or train.batch_size (--batch-size)")
 
     def _setup_optimization(self) -> None:
         tc, oc, sc = self.tc, self.cfg.optimizer, self.cfg.schedule

@@ -80,6 +80,17 @@ CONTEXT_PLACEMENTS = ("stage", "block")
 DOWNSAMPLES = ("conv", "merge", "stride", "none")
 POS = ("none", "abs", "cpe")
 STEMS = ("patch", "conv")
+#: the largest stage width a specification may ask for (a 1x1 layer of this width holds 1.1e9 weights)
+MAX_WIDTH = 32768
+#: the largest stem size (patch side, or conv stride)
+MAX_STEM = 1024
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML parser's error in one line: where (line, column) and what, for messages that name the file."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(getattr(e, "problem", None) or e).split())
 
 
 def _scalar(text: str):
@@ -135,7 +146,10 @@ def load_spec(source) -> dict:
         p = Path(text)
         if not p.is_file():
             raise SpecError(f"model specification file {text!r} does not exist")
-        data = yaml.safe_load(p.read_text())
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise SpecError(f"{text}: not valid YAML ({yaml_problem(e)})") from None
         if isinstance(data, str):
             return parse_spec(data)
         if not isinstance(data, dict):
@@ -162,6 +176,10 @@ def _check_stage(i: int, st: dict) -> dict:
     for key in ("depth", "width"):
         if not isinstance(st.get(key), int) or st[key] < 1:
             raise SpecError(f"stage {i} ({mixer}): {key} must be a positive integer, got {st.get(key)!r}")
+    if st["width"] > MAX_WIDTH:
+        raise SpecError(f"stage {i} ({mixer}): width {st['width']} is beyond any trainable model (at most "
+                        f"{MAX_WIDTH})")
+    _check_options(i, mixer, {**opts, **st})
     down = st.get("downsample", "stride" if strided else "conv")
     allowed = ("stride", "none") if strided else ("conv", "merge", "none")
     if down not in allowed:
@@ -192,6 +210,20 @@ def _check_stage(i: int, st: dict) -> dict:
             "context_placement": placement}
 
 
+def _check_options(i: int, mixer: str, st: dict) -> None:
+    """The options the built-in mixers share: sizes and counts are positive integers, heads divide the width."""
+    for key in ("kernel", "window", "pool", "heads"):
+        if key in st and (not isinstance(st[key], int) or isinstance(st[key], bool) or st[key] < 1):
+            raise SpecError(f"stage {i} ({mixer}): {key} must be a positive integer, got {st[key]!r}")
+    if "heads" in st and "key_dim" not in st and st["width"] % st["heads"]:  # key_dim: heads of their own width
+        raise SpecError(f"stage {i} ({mixer}): heads={st['heads']} does not divide the width {st['width']}; use a "
+                        f"divisor of {st['width']}")
+    for key in ("tokens_ratio", "mlp_ratio"):
+        v = st.get(key)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
+            raise SpecError(f"stage {i} ({mixer}): {key} must be a positive number, got {v!r}")
+
+
 def check_spec(source) -> dict:
     """Load a specification and check it without building anything. Returns it normalised:
     the stem and head with their defaults, each stage with its mixer's default options."""
@@ -205,6 +237,12 @@ def check_spec(source) -> dict:
     stem = {"type": "patch", "size": 4, **(spec.get("stem") or {})}
     if stem["type"] not in STEMS:
         raise SpecError(f"stem type {stem['type']!r} is not one of {', '.join(STEMS)}")
+    size = stem.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_STEM:
+        raise SpecError(f"stem size {size!r} must be an integer from 1 to {MAX_STEM} (the patch side, or the conv "
+                        f"stem's stride), e.g. patch4")
+    if stem["type"] == "conv" and (size < 2 or size & (size - 1)):
+        raise SpecError(f"a conv stem's size (its stride) must be a power of two >= 2, got {size}")
     head = {"pool": "avg", **(spec.get("head") or {})}
     if set(head) - {"pool"} or head["pool"] != "avg":
         raise SpecError(f"head {head!r}: only {{pool: avg}} is supported for specified models")
@@ -226,9 +264,7 @@ class SpecNet(HierarchicalModel):
         if stem_cfg["type"] == "patch":
             stem = PatchEmbed(stem_cfg["size"], in_chans, width0, norm_layer=partial(nn.LayerNorm, eps=1e-6))
         else:  # conv: 3x3 stride-2 convolutions down to the stem's stride
-            n = int(stem_cfg["size"]).bit_length() - 1
-            if 2 ** n != stem_cfg["size"] or n < 1:
-                raise SpecError(f"a conv stem's size (its stride) must be a power of two >= 2, got {stem_cfg['size']}")
+            n = stem_cfg["size"].bit_length() - 1  # a power of two (check_spec)
             stem = ConvStem(in_chans, [max(width0 // 2 ** (n - k), 8) for k in range(n)], width0)
 
         dpr = stochastic_depth_rates(drop_path_rate, [s["depth"] for s in stages_cfg])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,7 @@ def test_the_run_and_its_checkpoints_record_the_classes_and_data(run):
 def test_eval_on_the_same_classes_says_nothing_about_them(run, capsys):
     assert main(["eval", str(run), "--data", "imagefolder", "--data-root", str(run.parent / "imgs")]) == 0
     captured = capsys.readouterr()
-    assert "top-1" in captured.out and "class" not in captured.err
+    assert "top-1" in captured.out and "class" not in captured.err and "prepared otherwise" not in captured.err
 
 
 def test_eval_refuses_a_renamed_class_and_names_it(run, tmp_path, capsys):
@@ -127,3 +128,18 @@ def test_convert_keeps_the_class_names(run, tmp_path):
     assert main(["convert", str(run / "checkpoints" / "best.safetensors"), str(out), "--model", MODEL,
                  "--num-classes", "5", "--force"]) == 0
     assert "classes" not in load_weights(out)[1]
+
+
+def test_check_preprocessing_warns_of_another_size_or_normalisation():
+    from types import SimpleNamespace
+
+    from mixlab.runs import check_preprocessing
+
+    info = SimpleNamespace(img_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    same = {"input_size": (3, 16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_preprocessing(same, info, "ckpt")  # the same: nothing to say
+        check_preprocessing({}, info, "ckpt")  # nothing recorded: nothing to compare
+    with pytest.warns(UserWarning, match=r"input 32x32 when trained, 16x16 now; mean \(0.1, 0.2, 0.3\) when trained"):
+        check_preprocessing({**same, "input_size": (3, 32, 32), "mean": (0.1, 0.2, 0.3)}, info, "ckpt")

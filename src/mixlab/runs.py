@@ -117,6 +117,24 @@ def check_classes(trained: Sequence[str] | None, data: Sequence[str], where: str
                       f"pass --allow-class-mismatch (allow_class_mismatch=True) to evaluate anyway")
 
 
+def check_preprocessing(recorded: dict, info, where: str) -> None:
+    """Warn when the evaluation data reaches the model otherwise than its checkpoint records
+    (``recorded``: :func:`~mixlab.weights.metadata_config` of it): another input size, or another
+    normalisation (mean/std). Scores are still computed, as the model sees that data."""
+    said = []
+    size = recorded.get("input_size")
+    if size is not None and tuple(size[1:]) != (info.img_size, info.img_size):
+        said.append(f"input {size[1]}x{size[2]} when trained, {info.img_size}x{info.img_size} now")
+    for key in ("mean", "std"):
+        was, now = recorded.get(key), tuple(float(x) for x in getattr(info, key))
+        if was is not None and (len(was) != len(now) or any(abs(a - b) > 1e-6 for a, b in zip(was, now))):
+            said.append(f"{key} {tuple(round(x, 4) for x in was)} when trained, {tuple(round(x, 4) for x in now)} now")
+    if said:
+        warnings.warn(f"{where}: the evaluation data is prepared otherwise than the training data was ("
+                      + "; ".join(said) + "): the scores measure the model on inputs it was not trained on",
+                      UserWarning, stacklevel=2)
+
+
 def evaluate_run(path, data: str | None = None, data_root: str | None = None, use_ema: bool = False,
                  device: str = "auto", batch_size: int | None = None, allow_class_mismatch: bool = False) -> dict:
     """Evaluate a run directory or one of its checkpoints with its task's evaluation, on the
@@ -142,8 +160,9 @@ def evaluate_run(path, data: str | None = None, data_root: str | None = None, us
     dinfo = init_distributed(device)
     task = get_task(cfg.task)(cfg, dinfo)
     val = task.build_data(with_train=False)
-    check_classes(metadata_config(load_metadata(weights_path)).get("classes"), val.info.classes, str(weights_path),
-                  allow_class_mismatch)
+    recorded = metadata_config(load_metadata(weights_path))
+    check_classes(recorded.get("classes"), val.info.classes, str(weights_path), allow_class_mismatch)
+    check_preprocessing(recorded, val.info, str(weights_path))
     model = load_run_model(weights_path, use_ema, info=val.info)[0].to(dinfo.device)
     result = task.evaluate(model, val.val_loader)
     result.update(checkpoint=str(weights_path), data=val.info.name, model=cfg.model.name)

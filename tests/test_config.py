@@ -84,3 +84,11 @@ def test_cli_print_config_and_recipes(capsys):
 
 def test_default_config_is_valid():
     assert isinstance(config_from_dict({}), Config)
+
+
+def test_progress_takes_yaml_booleans():
+    """`--set log.progress=false` is YAML's false, not the string: both mean no progress bar."""
+    from mixlab.config import build_config
+    assert str(build_config(overrides=["log.progress=false"]).log.progress).lower() == "false"
+    assert str(build_config(overrides=["log.progress=true"]).log.progress).lower() == "true"
+    assert build_config(overrides=["log.progress=auto"]).log.progress == "auto"

@@ -150,8 +150,8 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    #: progress bar: auto (when the terminal is interactive) | true | false
-    progress: str = "auto"
+    #: progress bar: auto (when the terminal is interactive) | true | false (YAML booleans too)
+    progress: str | bool = "auto"
     tensorboard: bool = False
     print_every: int = 50
 

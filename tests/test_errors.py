@@ -70,10 +70,11 @@ def test_bad_input_is_one_line_status_2_and_writes_nothing(argv, says, tmp_path,
     if argv[0] == "train":
         argv += ["--data", "digits", "--epochs", "1"] + QUICK
     before = sorted(p.name for p in tmp_path.iterdir())
+    run_before = {p: p.stat().st_mtime_ns for p in trained_run.rglob("*")}
     assert main(argv) == 2
     assert says in _one_line_error(capsys, argv[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run or arena directory, no checkpoints/
-    assert not any(trained_run.glob("*.lock"))
+    assert {p: p.stat().st_mtime_ns for p in trained_run.rglob("*")} == run_before  # the run read, not written
 
 
 @pytest.fixture(scope="module")

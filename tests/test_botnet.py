@@ -209,7 +209,7 @@ def test_spec_mixer():
     blk = model.stages[1].blocks[0]
     assert isinstance(blk, BoTBlock) and blk.mixer.num_heads == 2 and blk.mixer.grid_size == (4, 4)
     assert "MHSA" in model.stage_mixers[1]
-    with pytest.raises(ValueError, match="heads 3"):
+    with pytest.raises(ValueError, match="heads=3 does not divide"):
         mixlab.create_model("spec:patch2 / botattn:1x64:heads=3", img_size=16)
 
 

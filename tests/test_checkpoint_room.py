@@ -59,7 +59,8 @@ def test_training_runs_and_convert_write_the_same_metadata(tmp_path):
     arch = layer["model"]["name"]
     assert main(["convert", str(ckpt), str(tmp_path / "converted.safetensors"), "--model", arch]) == 0
     _, converted = load_weights(tmp_path / "converted.safetensors")
-    written = checkpoint_metadata(arch, num_classes=10, in_chans=1, img_size=16, mean=[0.5], std=[0.5])
+    written = checkpoint_metadata(arch, num_classes=10, in_chans=1, img_size=16, mean=[0.5], std=[0.5],
+                                  classes=[str(i) for i in range(10)])
     assert set(trained) - MANAGER_KEYS - {"task"} == set(converted) - CONVERT_KEYS == set(written)
     assert trained["task"] == "classification"  # a training checkpoint says what its run learnt
     # and they say the same about the network

@@ -187,10 +187,12 @@ def test_jobs_train_runs_side_by_side_and_an_interrupt_stops_them_all(tmp_path):
 
     out = tmp_path / "jobs"
     models = [TINY, "spec:patch4 / dwconv:1x16:kernel=3"]
-    # enough epochs that neither run can finish in the time the other takes to reach its first
-    # checkpoint (with batched data loading a tiny epoch takes a fraction of a second)
+    # a checkpoint every 4 of an epoch's 16 steps, and enough epochs, so that neither run can finish in
+    # the time the other takes to reach its first checkpoint (a tiny epoch takes a fraction of a second,
+    # and the two children need not start equally fast)
     epochs = 12
-    args = [*models, "--epochs", str(epochs), "--out", str(out), "--jobs", "2", "--no-speed", *SMALL_DATA]
+    args = [*models, "--epochs", str(epochs), "--out", str(out), "--jobs", "2", "--no-speed", *SMALL_DATA,
+            "--set", "checkpoint.every_steps=4"]
     proc = _arena(args)
     deadline = time.time() + 240
     while time.time() < deadline:

@@ -109,8 +109,9 @@ class DirectoryBusy(Exception):
 
     def __init__(self, directory: Path, pid: int | None, command: str):
         self.directory, self.pid, self.command = directory, pid, command
-        who = f"process {pid} ({command})" if pid is not None else "another process"
-        super().__init__(f"{directory} is held by {who}")
+        #: who holds it, for messages: "process 1234 (mixlab train ...)" or "another process"
+        self.holder = f"process {pid} ({command})" if pid is not None else "another process"
+        super().__init__(f"{directory} is held by {self.holder}")
 
 
 def _command_line() -> str:

@@ -117,9 +117,8 @@ def hold_run_dir(run_dir: Path, dinfo: DistInfo):
         try:
             lock = DirectoryLock(run_dir)
         except DirectoryBusy as e:
-            who = f"process {e.pid} ({e.command})" if e.pid is not None else "another process"
-            refusal = (f"run directory {str(run_dir)!r} is being trained by {who}; wait for it to finish, or choose "
-                       f"another --name / --output")
+            refusal = (f"run directory {str(run_dir)!r} is being trained by {e.holder}; wait for it to finish, or "
+                       f"choose another --name / --output")
     refusal = broadcast_object(refusal, dinfo)  # under torchrun: the other ranks refuse too
     if refusal is not None:
         raise ConfigError(refusal)
@@ -311,8 +310,8 @@ class Trainer:
         when = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         lines = "".join(json.dumps({**when, "key": k, "old": old, "new": new}) + "\n" for k, old, new in self.changes)
-        with open(self.run_dir / CONFIG_HISTORY, "a") as f:
-            f.write(lines)
+        history = self.run_dir / CONFIG_HISTORY
+        write_atomic(history, (history.read_text() if history.exists() else "") + lines)  # never a torn line
         _log(self.dinfo, f"changed on resume at step {self.step}: "
                          + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in self.changes))
 

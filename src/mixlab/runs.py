@@ -157,15 +157,21 @@ def evaluate_run(path, data: str | None = None, data_root: str | None = None, us
     cfg.train.device = device
     if batch_size:
         cfg.train.batch_size = batch_size
-    dinfo = init_distributed(device)
-    task = get_task(cfg.task)(cfg, dinfo)
+    task = get_task(cfg.task)(cfg, init_distributed(device))
+    return _evaluate(task, weights_path, cfg.model.name,
+                     lambda info: load_run_model(weights_path, use_ema, info=info)[0], allow_class_mismatch)
+
+
+def _evaluate(task, weights_path: Path, model_name: str, build, allow_class_mismatch: bool) -> dict:
+    """``task``'s evaluation of the model ``build(info)`` makes from ``weights_path`` (on the CPU, in eval
+    mode), on the task's validation data, after checking the data against what the checkpoint records
+    (:func:`check_classes`, :func:`check_preprocessing`)."""
     val = task.build_data(with_train=False)
     recorded = metadata_config(load_metadata(weights_path))
     check_classes(recorded.get("classes"), val.info.classes, str(weights_path), allow_class_mismatch)
     check_preprocessing(recorded, val.info, str(weights_path))
-    model = load_run_model(weights_path, use_ema, info=val.info)[0].to(dinfo.device)
-    result = task.evaluate(model, val.val_loader)
-    result.update(checkpoint=str(weights_path), data=val.info.name, model=cfg.model.name)
+    result = task.evaluate(build(val.info).to(task.device), val.val_loader)
+    result.update(checkpoint=str(weights_path), data=val.info.name, model=model_name)
     return result
 
 
@@ -173,7 +179,7 @@ def _evaluate_weights_file(weights_path: Path, data: str | None, data_root: str 
                            batch_size: int | None, allow_class_mismatch: bool = False) -> dict:
     """Evaluate a classifier's weights file outside a run (``mixlab convert``'s output, or a checkpoint
     copied out of its run): the model its mixlab metadata names, on the validation split of ``data``."""
-    _, metadata = load_weights(weights_path)
+    metadata = load_metadata(weights_path)
     arch = metadata.get("architecture")
     where = f"{weights_path} is not inside a mixlab run (no {RUN_CONFIG} in {str(weights_path.parent.parent)!r})"
     if not arch:
@@ -191,15 +197,13 @@ def _evaluate_weights_file(weights_path: Path, data: str | None, data_root: str 
         cfg.data.img_size = h  # the size the weights were made for (the dataset's images are resized to it)
     if batch_size:
         cfg.train.batch_size = batch_size
-    dinfo = init_distributed(device)
-    task = get_task("classification")(cfg, dinfo)
-    val = task.build_data(with_train=False)
-    check_classes(metadata_config(metadata).get("classes"), val.info.classes, str(weights_path), allow_class_mismatch)
-    model = create_model(arch, pretrained=str(weights_path), in_chans=val.info.in_chans, img_size=val.info.img_size)
-    if model.num_classes != val.info.num_classes:
-        raise ConfigError(f"{weights_path} classifies {model.num_classes} classes, {data} has {val.info.num_classes}; "
-                          f"evaluate it on a dataset with its classes")
-    result = task.evaluate(model.eval().to(dinfo.device), val.val_loader)
-    result.update(checkpoint=str(weights_path), data=val.info.name, model=arch)
-    return result
+    task = get_task("classification")(cfg, init_distributed(device))
 
+    def build(info):
+        model = create_model(arch, pretrained=str(weights_path), in_chans=info.in_chans, img_size=info.img_size)
+        if model.num_classes != info.num_classes:
+            raise ConfigError(f"{weights_path} classifies {model.num_classes} classes, {data} has {info.num_classes}; "
+                              f"evaluate it on a dataset with its classes")
+        return model.eval()
+
+    return _evaluate(task, weights_path, arch, build, allow_class_mismatch)

@@ -109,13 +109,13 @@ def _read_file(path: Path, where: str | None = None) -> tuple[dict[str, torch.Te
 
 
 
-def _safetensors_file(path: Path, where: str, device: str | torch.device = "cpu"
+def _safetensors_file(path: Path, where: str, device: str | torch.device = "cpu", with_tensors: bool = True
                       ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and string metadata of a safetensors file, as they are."""
+    """The tensors (none unless ``with_tensors``) and string metadata of a safetensors file, as they are."""
     try:
         with safetensors.safe_open(str(path), framework="pt", device=str(device)) as f:
             metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
     except (safetensors.SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{where!r} is not a readable safetensors file ({e})") from e
     return tensors, metadata
@@ -342,23 +342,22 @@ def save_weights(state_dict: Mapping[str, torch.Tensor], path: PathLike, metadat
 def load_weights(path: PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a safetensors file as it is: ``(state_dict, metadata)`` (metadata ``{}`` when there is none).
     FileNotFoundError when there is no file, CheckpointError when it is not safetensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no weights file at {str(path)!r}")
+    path = _weights_file(path)
     return _safetensors_file(path, str(path), device)
 
 
 def load_metadata(path: PathLike) -> dict[str, str]:
     """The string metadata of a safetensors file, without reading its tensors (``{}`` when there is none).
     FileNotFoundError when there is no file, CheckpointError when it is not safetensors."""
+    path = _weights_file(path)
+    return _safetensors_file(path, str(path), with_tensors=False)[1]
+
+
+def _weights_file(path: PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at {str(path)!r}")
-    try:
-        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
-            return dict(f.metadata() or {})
-    except (safetensors.SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e})") from e
+    return path
 
 
 # -- metadata --------------------------------------------------------------------------------------

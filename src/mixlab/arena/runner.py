@@ -353,7 +353,8 @@ def run_arena(s: ArenaSettings, quiet: bool = False) -> dict:
     if s.train:  # the data and the device too: a wrong root or device fails here, not in every run
         from ..engine.distributed import pick_device
         pick_device(s.device)
-        _native_size(base)
+        if s.img_size is not None:  # without one, base_config has opened the data for its native size
+            _native_size(base)
     out = arena_dir(s, base)
     out.mkdir(parents=True, exist_ok=True)
     try:

@@ -79,11 +79,10 @@ def save_state(state: Mapping[str, Any], path: PathLike) -> None:
     state = dict(state)
     _check_loadable(state, "state")
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-
-    atomic_write(path, write)
+    # torch.save writes to the path itself, not through a Python file object: a Ctrl-C then stays a
+    # KeyboardInterrupt, where the zip writer would turn it, raised inside the file object's write,
+    # into a failed-write RuntimeError that reads like a full disk
+    atomic_write(path, lambda tmp: torch.save(state, str(tmp)))
 
 
 def load_state(path: PathLike, map_location: str | torch.device | None = "cpu") -> dict:

@@ -187,3 +187,54 @@ def test_a_strided_spec_mixer_takes_the_stage_input_and_a_check():
             mixlab.create_model("spec:conv4 / mybasic:1x8 / mybasic:1x16:downsample=merge")
     finally:
         registry.MIXERS.pop("mybasic")
+
+
+# -- DeiT's distillation token on a specified model -------------------------------------------------------------
+def test_a_distilled_spec_model_has_deits_token_and_second_head(tmp_path):
+    plain = mixlab.create_model("nano_vit", img_size=16, in_chans=1, num_classes=10)
+    model = mixlab.create_model("nano_vit", distilled=True, img_size=16, in_chans=1, num_classes=10)
+    width = 128
+    # one token and one linear head more than nano_vit, nothing else
+    assert (sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
+            == width + width * 10 + 10)
+    assert model.no_weight_decay() == {"dist_token"}
+    x = torch.randn(3, 1, 16, 16)
+    model.eval()
+    seq = model.forward_features(x)
+    assert seq.shape == (3, 1 + 4 * 4, width)  # the token first, then the 4x4 grid
+    cls, dist = model.forward_heads(seq)
+    torch.testing.assert_close(cls, model.head.fc(seq[:, 1:].mean(1)))  # class head: average of grid tokens
+    torch.testing.assert_close(dist, model.head_dist(seq[:, 0]))  # distillation head: the token
+    torch.testing.assert_close(model(x), (cls + dist) / 2)  # inference averages the two (DeiT)
+    model.train()
+    assert model(x).shape == (3, 10)  # without distilled_training, training sees the average too
+    model.distilled_training = True
+    out = model(x)
+    assert isinstance(out, tuple) and len(out) == 2
+    # the token is mixed with the grid by attention: changing it changes the class head's logits
+    model.eval()
+    before = model.forward_heads(model.forward_features(x))[0]
+    with torch.no_grad():
+        model.dist_token.add_(torch.randn_like(model.dist_token))  # not a constant: LayerNorm removes those
+    assert not torch.allclose(model.forward_heads(model.forward_features(x))[0], before)
+    # feature maps leave the token out
+    assert [tuple(t.shape) for t in model.forward_intermediates(x)] == [(3, width, 4, 4)]
+    model.reset_classifier(4)
+    assert model(x).shape == (3, 4) and model.head_dist.out_features == 4
+
+
+def test_distilled_in_a_yaml_spec_and_refused_where_no_token_fits(tmp_path):
+    path = tmp_path / "hybrid.yaml"
+    path.write_text(yaml.safe_dump({"stem": {"type": "conv", "size": 2},
+                                    "stages": [{"mixer": "convnext", "depth": 1, "width": 16},
+                                               {"mixer": "attention", "depth": 1, "width": 32, "heads": 2,
+                                                "pos": "cpe"}],
+                                    "head": {"pool": "avg", "distilled": True}}))
+    model = mixlab.create_model(str(path), img_size=16, num_classes=3)
+    assert model.distilled and model.forward_features(torch.randn(2, 3, 16, 16)).shape == (2, 1 + 16, 32)
+    assert not mixlab.create_model(str(path), img_size=16, num_classes=3, distilled=False).distilled
+    with pytest.raises(SpecError, match="global attention, but the last stage is convnext"):
+        mixlab.create_model("spec:patch4 / attention:1x32:heads=2 / convnext:1x64", distilled=True)
+    path.write_text(yaml.safe_dump({"stages": [{"mixer": "attention", "depth": 1, "width": 32}], "head": {"dist": 1}}))
+    with pytest.raises(SpecError, match="distilled: true"):
+        mixlab.create_model(str(path))

@@ -9,7 +9,7 @@ how it downsamples), then the head. It is a mapping (from YAML or Python)::
       - {mixer: convnext, depth: 2, width: 64}            # downsample: conv (default) | merge | none
       - {mixer: attention, depth: 2, width: 128, heads: 4}
       - {mixer: window, depth: 2, width: 256, heads: 8, window: 7}
-    head: {pool: avg}
+    head: {pool: avg}                         # distilled: true adds DeiT's distillation token
     mlp_ratio: 4
 
 or the same as one compact string, stages separated by ``/``, options after ``:``::
@@ -58,6 +58,7 @@ import copy
 from functools import partial
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 import yaml
 
@@ -243,18 +244,39 @@ def check_spec(source) -> dict:
                         f"stem's stride), e.g. patch4")
     if stem["type"] == "conv" and (size < 2 or size & (size - 1)):
         raise SpecError(f"a conv stem's size (its stride) must be a power of two >= 2, got {size}")
-    head = {"pool": "avg", **(spec.get("head") or {})}
-    if set(head) - {"pool"} or head["pool"] != "avg":
-        raise SpecError(f"head {head!r}: only {{pool: avg}} is supported for specified models")
-    return {**spec, "stem": stem, "head": head, "stages": [_check_stage(i, st) for i, st in enumerate(stages)]}
+    head = {"pool": "avg", "distilled": False, **(spec.get("head") or {})}
+    if set(head) - {"pool", "distilled"} or head["pool"] != "avg" or not isinstance(head["distilled"], bool):
+        raise SpecError(f"head {head!r}: a specified model's head is {{pool: avg}}, with distilled: true for DeiT's "
+                        f"distillation token")
+    stages = [_check_stage(i, st) for i, st in enumerate(stages)]
+    if head["distilled"]:
+        check_distillable(stages)
+    return {**spec, "stem": stem, "head": head, "stages": stages}
+
+
+def check_distillable(stages: list[dict]) -> None:
+    """A distillation token joins the last stage's sequence of grid tokens: that stage must mix by global
+    attention (the one mixer that takes a token beside the grid) with no context module after its blocks."""
+    last = stages[-1]
+    if last["mixer"] != "attention" or last["context"] != "none":
+        raise SpecError(f"a distillation token (distilled: true) joins the last stage's tokens, which must be mixed by "
+                        f"global attention, but the last stage is {last['mixer']}"
+                        + (f" with context={last['context']}" if last["context"] != "none" else "")
+                        + "; end the specification with an attention stage, or distil this model through its one "
+                          "head (logit distillation: task distill works with any student)")
 
 
 class SpecNet(HierarchicalModel):
     """A network built from a specification (see the module docstring)."""
 
     def __init__(self, spec, img_size=224, in_chans: int = 3, num_classes: int = 1000, mlp_ratio: float | None = None,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, distilled: bool | None = None):
         spec = check_spec(spec)
+        if distilled is not None:  # the argument overrides the specification's head
+            spec["head"] = {**spec["head"], "distilled": bool(distilled)}
+            if distilled:
+                check_distillable(spec["stages"])
+        distilled = spec["head"]["distilled"]
         stages_cfg, stem_cfg = spec["stages"], spec["stem"]
         default_ratio = mlp_ratio or spec.get("mlp_ratio", 4.0)
         img = to_2tuple(img_size)
@@ -310,13 +332,80 @@ class SpecNet(HierarchicalModel):
             mixers.append(self._describe(st))
             prev = w
         super().__init__(in_chans, num_classes, img_size, stem=stem, stages=stages, norm=ln(prev),
-                         head=ClassifierHead(prev, num_classes, pool="avg", drop_rate=drop_rate),
+                         head=ClassifierHead(prev, num_classes, pool="avg", num_prefix_tokens=int(distilled),
+                                             drop_rate=drop_rate),
                          feature_info=info, stage_mixers=mixers)
         self.spec = {**spec, "mlp_ratio": default_ratio}
+        # DeiT's distillation token: a learned token that joins the last stage's grid tokens; its own head
+        # classifies it, the class head the average of the grid tokens (see forward_heads)
+        self.distilled, self.distilled_training = distilled, False
+        self.num_prefix_tokens = int(distilled)
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, prev)) if distilled else None
+        self.head_dist = (nn.Linear(prev, num_classes) if num_classes > 0 else nn.Identity()) if distilled else None
         kept = [copy.deepcopy(c.state_dict()) for c in contexts]  # context modules keep their own init
         self.apply(init_weights_vit)
         for c, state in zip(contexts, kept):
             c.load_state_dict(state)
+        if distilled:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | ({"dist_token"} if self.distilled else set())
+
+    def _last_stage_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The last stage of a distilled model: its downsampling on the (B, H, W, C) map, then its blocks on the
+        sequence (distillation token, H*W grid tokens); returns the sequence and (H, W)."""
+        last = self.stages[-1]
+        x = last.downsample(x)
+        B, H, W, C = x.shape
+        x = torch.cat([self.dist_token.expand(B, -1, -1), x.reshape(B, H * W, C)], dim=1)
+        return last.blocks(x), (H, W)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """A (B, H, W, C) map; for a distilled model the (B, 1 + H*W, C) sequence, distillation token first."""
+        if not self.distilled:
+            return super().forward_features(x)
+        x = self._embed(x)
+        for stage in self.stages[:-1]:
+            x = stage(x)
+        return self.norm(self._last_stage_tokens(x)[0])
+
+    def forward_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A distilled model's (class logits, distillation logits) from :meth:`forward_features`' sequence."""
+        return self.head(x), self.head_dist(x[:, 0])
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        if not self.distilled:
+            return self.head(x, pre_logits=pre_logits)
+        if pre_logits:
+            return (self.head(x, pre_logits=True) + x[:, 0]) / 2
+        logits, logits_dist = self.forward_heads(x)
+        if self.distilled_training and self.training:
+            return logits, logits_dist
+        return (logits + logits_dist) / 2  # DeiT's inference: the average of the two heads
+
+    def reset_classifier(self, num_classes: int, pool: str | None = None) -> None:
+        super().reset_classifier(num_classes, pool)
+        if self.distilled:
+            device = self.dist_token.device
+            self.head_dist = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else (
+                nn.Identity())
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None) -> list[torch.Tensor]:
+        if not self.distilled:
+            return super().forward_intermediates(x, indices)
+        idx = self._normalize_indices(indices)
+        x = self._embed(x)
+        maps, last = {}, len(self.stages) - 1
+        for i, stage in enumerate(self.stages[: max(idx) + 1]):
+            if i < last:
+                x = stage(x)
+                if i in idx:
+                    maps[i] = x.permute(0, 3, 1, 2)
+            else:  # the grid tokens of the last stage, without the distillation token
+                seq, (H, W) = self._last_stage_tokens(x)
+                maps[i] = self.norm(seq)[:, 1:].reshape(seq.shape[0], H, W, -1).permute(0, 3, 1, 2)
+        return [maps[i] for i in idx]
 
     @staticmethod
     def _describe(st: dict) -> str:

@@ -225,6 +225,9 @@ def add_eval_parser(sub) -> None:
     s.add_argument("--allow-class-mismatch", action="store_true",
                    help="evaluate even when the data's class names differ from the ones the run was trained on "
                         "(a warning instead of an error)")
+    s.add_argument("--data-preprocessing", action="store_true",
+                   help="prepare the images with the evaluation data's own transform (its size, mean/std, crop) "
+                        "instead of the data configuration the checkpoint records (the default)")
     s.set_defaults(func=cmd_eval)
 
 
@@ -236,9 +239,14 @@ def cmd_eval(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")  # each warning once, as Python shows them
         r = evaluate_run(args.run, data=args.data, data_root=args.data_root, use_ema=args.ema, device=args.device,
-                         batch_size=args.batch_size, allow_class_mismatch=args.allow_class_mismatch)
+                         batch_size=args.batch_size, allow_class_mismatch=args.allow_class_mismatch,
+                         data_preprocessing=args.data_preprocessing)
     for w in caught:
         print(f"mixlab eval: warning: {w.message}", file=sys.stderr)
+    prep = r.get("preprocessing", {})
+    if prep.get("used") == "data" and prep.get("differences"):
+        print(f"mixlab eval: note: the images were prepared with the data's own transform, as asked, not as "
+              f"{r['checkpoint']} records: {'; '.join(prep['differences'])}", file=sys.stderr)
     if args.json:
         print(json.dumps(r, indent=2))
     else:
@@ -346,6 +354,7 @@ def cmd_convert(args) -> int:
     import warnings
 
     from .analysis import count_params
+    from .data import Preprocessing
     from .factory import create_model
     from .weights import checkpoint_metadata, save_weights
 
@@ -369,14 +378,18 @@ def cmd_convert(args) -> int:
         print(f"mixlab convert: warning: {w.message}", file=sys.stderr)
 
     cfg = model.pretrained_cfg
+    prep = Preprocessing.from_model(model)  # the weights' data configuration (create_pretrained found it)
     metadata = checkpoint_metadata(args.model, num_classes=model.num_classes, in_chans=model.in_chans,
-                                   img_size=model.img_size, mean=cfg["mean"], std=cfg["std"], source=str(args.src),
-                                   source_format=cfg.get("source_format", "mixlab"), classes=cfg.get("classes"))
+                                   img_size=model.img_size, mean=prep.mean, std=prep.std, crop_pct=prep.crop_pct,
+                                   interpolation=prep.interpolation, source=str(args.src),
+                                   source_format=cfg.get("source_format", "mixlab"), classes=cfg.get("classes"),
+                                   preprocessing_source=cfg["data_config_source"])
     state_dict = model.state_dict()
     save_weights(state_dict, dst, metadata)  # atomic; creates dst's directory
     params = count_params(model)
     print(f"wrote {dst}: {len(state_dict)} tensors, {_fmt_int(params)} parameters ({params:,}), {args.model} from "
           f"{metadata['source_format']} weights")
+    print(f"data configuration: {prep.describe()} ({cfg['data_config_source']})")
     return 0
 
 

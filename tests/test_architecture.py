@@ -21,7 +21,7 @@ LAYERS = {
     "mixlab.factory": 5,
     "mixlab.data": 6, "mixlab.config": 6, "mixlab.analysis.complexity": 6,
     "mixlab.engine": 7,
-    "mixlab.runs": 8,
+    "mixlab.runs": 8, "mixlab.predict": 8,
     "mixlab.analysis": 9, "mixlab.arena": 9,
     "mixlab.cli": 10, "mixlab.__main__": 10, "mixlab": 10,
 }

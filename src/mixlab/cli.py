@@ -260,6 +260,91 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def add_predict_parser(sub) -> None:
+    s = sub.add_parser("predict", help="the top-k classes of image files, with probabilities, by a trained model",
+                       description="Predict the classes of image files (PNG, JPEG, BMP, WebP, GIF; directories are "
+                                   "searched at any depth) with a run's best checkpoint, a weights file with mixlab "
+                                   "metadata, or a registered model with --weights. Images are prepared with the "
+                                   "model's own data configuration (input size, mean/std, crop, interpolation). "
+                                   "Unreadable files are reported on stderr and skipped (exit status 1 when any "
+                                   "was), or stop everything with --strict (exit status 2).")
+    s.add_argument("model", metavar="MODEL_OR_RUN", help="a run directory, a checkpoint file, or a registered model "
+                   "name / 'spec:...' with --weights")
+    s.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and directories of them")
+    s.add_argument("--weights", help="the weights of a named model: a file or hf-hub:org/name")
+    s.add_argument("--classes", metavar="FILE", help="class names, one a line in output order (default: the ones "
+                   "the checkpoint records, else the output indices)")
+    s.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5, at most the number of "
+                   "classes)")
+    s.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    form = s.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="write JSON instead of a table")
+    form.add_argument("--csv", action="store_true", help="write CSV (image,rank,label,index,probability) instead "
+                      "of a table")
+    s.add_argument("--output", metavar="FILE", help="write the table, JSON or CSV to FILE (atomically) instead of "
+                   "stdout")
+    s.add_argument("--strict", action="store_true", help="stop at the first unreadable image (exit status 2) instead "
+                   "of skipping it")
+    s.set_defaults(func=cmd_predict)
+
+
+def _predictions_text(results, top_k: int, form: str) -> str:
+    """The predictions as a table, JSON or CSV; ``results``: (predictor, predictions, skipped)."""
+    import csv
+    import io
+
+    predictor, done, skipped = results
+    if form == "json":
+        return json.dumps({"model": predictor.source, "preprocessing": predictor.preprocessing.to_dict(),
+                           "predictions": [p.to_dict() for p in done],
+                           "skipped": [{"image": s.image, "error": s.error} for s in skipped]}, indent=2) + "\n"
+    if form == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["image", "rank", "label", "index", "probability"])
+        for p in done:
+            for rank, (i, lab, q) in enumerate(zip(p.indices, p.labels, p.probabilities), 1):
+                writer.writerow([p.image, rank, lab, i, f"{q:.6g}"])
+        return buf.getvalue()
+    k = max((len(p.indices) for p in done), default=min(top_k, 1))
+    rows = [[p.image] + [f"{lab} {100 * q:.1f}%" for lab, q in zip(p.labels, p.probabilities)] for p in done]
+    return _table(rows, ["image"] + [f"top-{r}" for r in range(1, k + 1)]) + "\n"
+
+
+def cmd_predict(args) -> int:
+    from .engine.distributed import pick_device
+    from .fileio import write_atomic
+    from .predict import Skipped, find_images, load_predictor, predict
+
+    out = Path(args.output) if args.output else None
+    if out is not None and out.is_dir():
+        raise ValueError(f"--output {args.output!r} is a directory; name the file to write")
+    device = pick_device(args.device)
+    images = find_images(args.images)  # before the model: a typing error in a path is said at once
+    predictor = load_predictor(args.model, weights=args.weights, classes_file=args.classes)
+    done, skipped = [], []
+    show_bar = sys.stderr.isatty() and len(images) > args.batch_size
+    for r in predict(predictor, images, batch_size=args.batch_size, top_k=args.top_k, device=device,
+                     strict=args.strict, progress=show_bar):
+        if isinstance(r, Skipped):
+            skipped.append(r)
+            print(f"mixlab predict: skipped {r.image}: {r.error}", file=sys.stderr)
+        else:
+            done.append(r)
+    text = _predictions_text((predictor, done, skipped), args.top_k, "json" if args.json else
+                             "csv" if args.csv else "table")
+    if out is not None:
+        write_atomic(out, text)
+    else:
+        sys.stdout.write(text)
+    if skipped:
+        print(f"mixlab predict: {len(done)} image(s) predicted, {len(skipped)} unreadable file(s) skipped "
+              f"(exit status 1)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def add_arena_parser(sub) -> None:
     s = sub.add_parser("arena", help="train several models under one recipe and seeds; write a comparison report",
                        description="Train a line-up of models (default: the nano family) under the identical "
@@ -657,14 +742,15 @@ def cmd_scale(args) -> int:
 
 
 #: the commands, in the order `mixlab --help` lists them: each function adds its sub-parser
-COMMANDS = (add_list_parser, add_info_parser, add_train_parser, add_eval_parser, add_arena_parser, add_convert_parser,
-            add_erf_parser, add_affinity_parser, add_robustness_parser, add_scale_parser, add_recipes_parser)
+COMMANDS = (add_list_parser, add_info_parser, add_train_parser, add_eval_parser, add_predict_parser, add_arena_parser,
+            add_convert_parser, add_erf_parser, add_affinity_parser, add_robustness_parser, add_scale_parser, add_recipes_parser)
 
 
 #: the exit statuses of every command (``mixlab --help`` shows them; docs/reliability.md too)
 EXIT_STATUSES = """exit status:
   0    success
-  1    nothing matched (list), or some arena models failed (see the report)
+  1    nothing matched (list), some arena models failed (see the report), or some images were unreadable
+       (predict: each is named on stderr and skipped; the others are predicted)
   2    bad usage or input: an option, a configuration, a model parameter, a file that is not what it should be
   3    training diverged (loss NaN/inf)
   4    an operating-system error: a path that cannot be written (a file where a directory should be, no

@@ -473,8 +473,7 @@ def cmd_convert(args) -> int:
     save_weights(state_dict, dst, metadata)  # atomic; creates dst's directory
     params = count_params(model)
     print(f"wrote {dst}: {len(state_dict)} tensors, {_fmt_int(params)} parameters ({params:,}), {args.model} from "
-          f"{metadata['source_format']} weights")
-    print(f"data configuration: {prep.describe()} ({cfg['data_config_source']})")
+          f"{metadata['source_format']} weights; data configuration {prep.describe()} ({cfg['data_config_source']})")
     return 0
 
 

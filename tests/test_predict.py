@@ -22,7 +22,7 @@ from mixlab.cli import main
 from mixlab.config import build_config
 from mixlab.data import Preprocessing, build_datasets, build_transforms
 from mixlab.engine.trainer import train
-from mixlab.predict import Prediction, Skipped, load_predictor, predict
+from mixlab.predict import Prediction, load_predictor, predict
 from mixlab.runs import evaluate_run, load_run_model
 from mixlab.weights import checkpoint_metadata, load_weights, save_weights
 
@@ -206,7 +206,8 @@ def test_convert_records_the_data_configuration_and_where_it_came_from(tmp_path,
 
 def test_a_timm_checkpoint_takes_timms_cfg_of_the_default_weights():
     timm = pytest.importorskip("timm")
-    model = mixlab.create_model("deit_tiny_patch16_224", pretrained=timm.create_model("deit_tiny_patch16_224").state_dict())
+    timm_weights = timm.create_model("deit_tiny_patch16_224").state_dict()
+    model = mixlab.create_model("deit_tiny_patch16_224", pretrained=timm_weights)
     cfg = timm.models.get_pretrained_cfg("deit_tiny_patch16_224.fb_in1k")
     assert Preprocessing.from_model(model) == Preprocessing(cfg.input_size, cfg.mean, cfg.std, cfg.crop_pct,
                                                             cfg.interpolation)

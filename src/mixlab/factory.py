@@ -15,7 +15,8 @@ import torch.nn as nn
 from .models.base import FeatureExtractor
 from .models.spec import check_spec, create_from_spec, is_spec
 from .registry import DEFAULT_WEIGHTS, default_weights, model_entrypoint, resolve_name
-from .weights import architecture_kwargs, describe_source, load_state, metadata_config, read_checkpoint, timm_data_config
+from .weights import (architecture_kwargs, describe_source, load_state, metadata_config, read_checkpoint,
+                      timm_data_config)
 
 __all__ = ["create_model", "create_pretrained", "check_model_name", "check_common_kwargs"]
 

@@ -11,7 +11,6 @@ A file Pillow cannot read is reported and skipped, or with ``strict`` stops ever
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -23,7 +22,6 @@ import torch.nn as nn
 
 from .config import RUN_CONFIG, ConfigError, load_run_config
 from .data import DatasetInfo, Preprocessing
-from .data.preprocessing import EVAL_CROP_PCT
 from .factory import create_model
 from .runs import _run_weights, check_class_scores, load_run_model
 from .weights import load_metadata, metadata_config
@@ -102,10 +100,7 @@ def _run_predictor(path: Path, classes: list[str] | None) -> Predictor:
     cfg = load_run_config(run_dir)
     metadata = load_metadata(weights_path)
     recorded = metadata_config(metadata)
-    prep = Preprocessing.from_metadata(metadata, where=str(weights_path))
-    if "crop_pct" not in recorded and cfg.data.name == "imagefolder":
-        prep = dataclasses.replace(prep, crop_pct=EVAL_CROP_PCT)  # what runs of image folders evaluated with then
-    c, h, w = prep.input_size
+    c, h, w = Preprocessing.from_metadata(metadata, where=str(weights_path)).input_size
     if h != w:
         raise ConfigError(f"{weights_path} records a {h}x{w} input; mixlab runs train on square images")
     names = classes if classes is not None else recorded.get("classes")
@@ -117,12 +112,15 @@ def _run_predictor(path: Path, classes: list[str] | None) -> Predictor:
     num_classes = recorded.get("num_classes")
     if num_classes is None:
         raise ConfigError(f"{weights_path} records no number of classes; it is not a classifier's checkpoint")
-    # the model is rebuilt from what the checkpoint records: the training data need not be at hand
-    info = DatasetInfo(name=cfg.data.name, num_classes=num_classes, in_chans=c, img_size=h, mean=prep.mean,
-                       std=prep.std, classes=list(names or []), num_train=0, num_val=0)
+    # the model is rebuilt from what the checkpoint records: the training data need not be at hand (image
+    # folders are the datasets of no one native size, which a checkpoint written before mixlab recorded the
+    # crop was evaluated with a crop of)
+    info = DatasetInfo(name=cfg.data.name, num_classes=num_classes, in_chans=c, img_size=h,
+                       mean=recorded["mean"], std=recorded["std"], classes=list(names or []), num_train=0, num_val=0,
+                       native_size=None if cfg.data.name == "imagefolder" else h)
     model = load_run_model(weights_path, info=info)[0]
     where = "--classes" if classes is not None else str(weights_path)
-    return Predictor(model, prep, _check_classes(names, num_classes, where),
+    return Predictor(model, Preprocessing.from_model(model), _check_classes(names, num_classes, where),
                      f"{cfg.model.name} ({weights_path})")
 
 

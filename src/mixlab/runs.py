@@ -54,7 +54,9 @@ def load_run_model(path, use_ema: bool = False, info=None):
     """The trained model of a run directory or checkpoint file, built as the run built it.
 
     Returns ``(model, cfg, info, weights_path)``; ``info`` (the dataset's DatasetInfo) is read
-    from the run's dataset unless given. The model is on the CPU, in eval mode.
+    from the run's dataset unless given. The model is on the CPU, in eval mode; its ``pretrained_cfg``
+    holds the data configuration the checkpoint records (``mean``, ``std``, ``crop_pct``,
+    ``interpolation``, ``input_size``; :meth:`Preprocessing.from_model <mixlab.data.Preprocessing.from_model>`).
     """
     run_dir, weights_path = _run_weights(path, use_ema)
     cfg = load_run_config(run_dir)  # a checkpoint is loaded as the run that wrote it built its model
@@ -74,6 +76,11 @@ def load_run_model(path, use_ema: bool = False, info=None):
     else:
         check_compatible(model, weights, meta)
         model.load_state_dict(weights)
+    # the data configuration the checkpoint records (what older ones lack: the data's own), as create_model
+    # gives a model loaded with weights (Preprocessing.from_model reads it)
+    prep = Preprocessing.from_metadata(meta, fallback=Preprocessing.from_data(info), where=str(weights_path))
+    model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **prep.to_dict(),
+                            "input_size": prep.input_size, "mean": prep.mean, "std": prep.std}
     return model.eval(), cfg, info, weights_path
 
 

@@ -71,7 +71,8 @@ class Preprocessing:
     def __post_init__(self):
         size = tuple(self.input_size)
         if len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size):
-            raise DataError(f"input_size must be (channels, height, width) of positive integers, got {self.input_size!r}")
+            raise DataError(f"input_size must be (channels, height, width) of positive integers, "
+                            f"got {self.input_size!r}")
         object.__setattr__(self, "input_size", size)
         for key in ("mean", "std"):
             value = getattr(self, key)

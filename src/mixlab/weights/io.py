@@ -31,7 +31,8 @@ from ..fileio import atomic_write
 from ..version import __version__
 
 __all__ = ["CheckpointError", "read_checkpoint", "unwrap_checkpoint", "describe_source", "parse_hub_id",
-           "save_weights", "load_weights", "load_metadata", "checkpoint_metadata", "metadata_config", "timm_data_config",
+           "save_weights", "load_weights", "load_metadata", "checkpoint_metadata", "metadata_config",
+           "timm_data_config",
            "PTH_EXTENSIONS", "SAFETENSORS_EXTENSIONS"]
 
 Source = Union[str, os.PathLike, Mapping]

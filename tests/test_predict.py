@@ -204,6 +204,33 @@ def test_convert_records_the_data_configuration_and_where_it_came_from(tmp_path,
     assert json.loads(meta["crop_pct"]) == 1.0 and "mixlab's defaults" in meta["preprocessing_source"]
 
 
+def test_a_hub_checkpoint_takes_the_data_configuration_of_its_timm_config(tmp_path, monkeypatch):
+    """A timm repository on the Hub: config.json's pretrained_cfg is fetched with the weights (a fake
+    hf_hub_download serves a folder as the Hub's cache does), and a repository without one still loads."""
+    hub = pytest.importorskip("huggingface_hub")
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    torch.manual_seed(0)
+    torch.save(mixlab.create_model("nano_resnet", img_size=32, num_classes=4).state_dict(),
+               snapshot / "pytorch_model.bin")
+    asked = []
+
+    def fake_download(repo_id, filename, revision=None, local_files_only=False, **kw):
+        asked.append(filename)
+        if not (snapshot / filename).is_file():
+            raise hub.utils.EntryNotFoundError(f"{filename} is not in {repo_id}")
+        return str(snapshot / filename)
+
+    monkeypatch.setattr(hub, "hf_hub_download", fake_download)
+    model = mixlab.create_model("nano_resnet", pretrained="hf-hub:org/nano", img_size=32)
+    assert "config.json" in asked and Preprocessing.from_model(model).crop_pct == 1.0  # none there: the defaults
+    (snapshot / "config.json").write_text(json.dumps({"pretrained_cfg": {"crop_pct": 0.9, "interpolation": "bilinear",
+                                                                         "mean": [0.5] * 3, "std": [0.5] * 3}}))
+    model = mixlab.create_model("nano_resnet", pretrained="hf-hub:org/nano", img_size=32)
+    assert Preprocessing.from_model(model) == Preprocessing((3, 32, 32), (0.5,) * 3, (0.5,) * 3, 0.9, "bilinear")
+    assert "timm's pretrained_cfg (config.json)" in model.pretrained_cfg["data_config_source"]
+
+
 def test_a_timm_checkpoint_takes_timms_cfg_of_the_default_weights():
     timm = pytest.importorskip("timm")
     timm_weights = timm.create_model("deit_tiny_patch16_224").state_dict()

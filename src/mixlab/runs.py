@@ -2,6 +2,7 @@
 evaluation. Used by ``mixlab eval``, the arena and the analysis commands."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,8 +80,7 @@ def load_run_model(path, use_ema: bool = False, info=None):
     # the data configuration the checkpoint records (what older ones lack: the data's own), as create_model
     # gives a model loaded with weights (Preprocessing.from_model reads it)
     prep = Preprocessing.from_metadata(meta, fallback=Preprocessing.from_data(info), where=str(weights_path))
-    model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **prep.to_dict(),
-                            "input_size": prep.input_size, "mean": prep.mean, "std": prep.std}
+    model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **dataclasses.asdict(prep)}
     return model.eval(), cfg, info, weights_path
 
 

@@ -22,7 +22,7 @@ LAYERS = {
     "mixlab.data": 6, "mixlab.config": 6, "mixlab.analysis.complexity": 6,
     "mixlab.engine": 7,
     "mixlab.runs": 8,
-    "mixlab.analysis": 9, "mixlab.arena": 9,
+    "mixlab.analysis": 9, "mixlab.arena": 9, "mixlab.predict": 9,
     "mixlab.cli": 10, "mixlab.__main__": 10, "mixlab": 10,
 }
 #: the command line and the package itself may import anything

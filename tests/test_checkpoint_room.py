@@ -24,7 +24,7 @@ from mixlab.weights.fit import classifier_prefixes
 FIXTURES = Path(__file__).parent / "fixtures" / "run-v0.1.0"
 #: what CheckpointManager adds to a training checkpoint's metadata, and mixlab convert to its output
 MANAGER_KEYS = {"epoch", "step", "metric", "checkpoint_id"}
-CONVERT_KEYS = {"source", "source_format"}
+CONVERT_KEYS = {"source", "source_format", "preprocessing_source"}
 
 
 def test_the_registry_imports_no_mixlab_module():
@@ -60,7 +60,7 @@ def test_training_runs_and_convert_write_the_same_metadata(tmp_path):
     assert main(["convert", str(ckpt), str(tmp_path / "converted.safetensors"), "--model", arch]) == 0
     _, converted = load_weights(tmp_path / "converted.safetensors")
     written = checkpoint_metadata(arch, num_classes=10, in_chans=1, img_size=16, mean=[0.5], std=[0.5],
-                                  classes=[str(i) for i in range(10)])
+                                  crop_pct=1.0, interpolation="bicubic", classes=[str(i) for i in range(10)])
     assert set(trained) - MANAGER_KEYS - {"task"} == set(converted) - CONVERT_KEYS == set(written)
     assert trained["task"] == "classification"  # a training checkpoint says what its run learnt
     # and they say the same about the network
@@ -87,12 +87,14 @@ def test_metadata_of_mixlab_0_1_0_still_reads():
 
 def test_non_square_images_are_written_as_height_and_width():
     meta = checkpoint_metadata("resnet50", num_classes=3, in_chans=3, img_size=(32, 48), mean=[0.1] * 3,
-                               std=[0.2] * 3, model_kwargs={"drop_rate": 0.1}, note="x")
+                               std=[0.2] * 3, crop_pct=0.9, interpolation="bilinear", model_kwargs={"drop_rate": 0.1},
+                               note="x")
     assert json.loads(meta["img_size"]) == [32, 48] and json.loads(meta["input_size"]) == [3, 32, 48]
     assert json.loads(meta["model_kwargs"]) == {"drop_rate": 0.1} and meta["note"] == "x"
     assert metadata_config(meta)["input_size"] == (3, 32, 48)
     with pytest.raises(TypeError, match="strings"):
-        checkpoint_metadata("resnet50", num_classes=3, in_chans=3, img_size=32, mean=[0], std=[1], epoch=3)
+        checkpoint_metadata("resnet50", num_classes=3, in_chans=3, img_size=32, mean=[0], std=[1], crop_pct=1.0,
+                            interpolation="bicubic", epoch=3)
 
 
 def test_loading_and_resuming_give_one_fit_report():

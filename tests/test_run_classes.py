@@ -130,16 +130,16 @@ def test_convert_keeps_the_class_names(run, tmp_path):
     assert "classes" not in load_weights(out)[1]
 
 
-def test_check_preprocessing_warns_of_another_size_or_normalisation():
-    from types import SimpleNamespace
-
+def test_check_preprocessing_lists_another_size_normalisation_crop_or_interpolation():
+    from mixlab.data import Preprocessing
     from mixlab.runs import check_preprocessing
 
-    info = SimpleNamespace(img_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    same = {"input_size": (3, 16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        check_preprocessing(same, info, "ckpt")  # the same: nothing to say
-        check_preprocessing({}, info, "ckpt")  # nothing recorded: nothing to compare
-    with pytest.warns(UserWarning, match=r"input 32x32 when trained, 16x16 now; mean \(0.1, 0.2, 0.3\) when trained"):
-        check_preprocessing({**same, "input_size": (3, 32, 32), "mean": (0.1, 0.2, 0.3)}, info, "ckpt")
+    data = Preprocessing((3, 16, 16), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 1.0, "bicubic")
+    assert check_preprocessing(data, data, "ckpt") == []  # the same: nothing to say
+    model = Preprocessing((3, 32, 32), (0.1, 0.2, 0.3), (0.25, 0.25, 0.25), 0.875, "bilinear")
+    assert check_preprocessing(model, data, "ckpt") == [
+        "input 3x32x32 (the checkpoint) vs 3x16x16 (the data)",
+        "mean (0.1, 0.2, 0.3) (the checkpoint) vs (0.5, 0.5, 0.5) (the data)",
+        "crop 0.875 (the checkpoint) vs 1 (the data)", "interpolation bilinear (the checkpoint) vs bicubic (the data)"]
+    with pytest.raises(ConfigError, match="ckpt takes 1-channel images, the evaluation data has 3"):
+        check_preprocessing(Preprocessing((1, 16, 16), (0.5,), (0.25,)), data, "ckpt")

@@ -225,6 +225,9 @@ def add_eval_parser(sub) -> None:
     s.add_argument("--allow-class-mismatch", action="store_true",
                    help="evaluate even when the data's class names differ from the ones the run was trained on "
                         "(a warning instead of an error)")
+    s.add_argument("--data-preprocessing", action="store_true",
+                   help="prepare the images with the evaluation data's own transform (its size, mean/std, crop) "
+                        "instead of the data configuration the checkpoint records (the default)")
     s.set_defaults(func=cmd_eval)
 
 
@@ -236,9 +239,14 @@ def cmd_eval(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")  # each warning once, as Python shows them
         r = evaluate_run(args.run, data=args.data, data_root=args.data_root, use_ema=args.ema, device=args.device,
-                         batch_size=args.batch_size, allow_class_mismatch=args.allow_class_mismatch)
+                         batch_size=args.batch_size, allow_class_mismatch=args.allow_class_mismatch,
+                         data_preprocessing=args.data_preprocessing)
     for w in caught:
         print(f"mixlab eval: warning: {w.message}", file=sys.stderr)
+    prep = r.get("preprocessing", {})
+    if prep.get("used") == "data" and prep.get("differences"):
+        print(f"mixlab eval: note: the images were prepared with the data's own transform, as asked, not as "
+              f"{r['checkpoint']} records: {'; '.join(prep['differences'])}", file=sys.stderr)
     if args.json:
         print(json.dumps(r, indent=2))
     else:
@@ -249,6 +257,91 @@ def cmd_eval(args) -> int:
         else:  # another task: its metrics as it names them
             shown = {k: v for k, v in r.items() if isinstance(v, float) and k not in ("images",)}
             print(f"{where}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    return 0
+
+
+def add_predict_parser(sub) -> None:
+    s = sub.add_parser("predict", help="the top-k classes of image files, with probabilities, by a trained model",
+                       description="Predict the classes of image files (PNG, JPEG, BMP, WebP, GIF; directories are "
+                                   "searched at any depth) with a run's best checkpoint, a weights file with mixlab "
+                                   "metadata, or a registered model with --weights. Images are prepared with the "
+                                   "model's own data configuration (input size, mean/std, crop, interpolation). "
+                                   "Unreadable files are reported on stderr and skipped (exit status 1 when any "
+                                   "was), or stop everything with --strict (exit status 2).")
+    s.add_argument("model", metavar="MODEL_OR_RUN", help="a run directory, a checkpoint file, or a registered model "
+                   "name / 'spec:...' with --weights")
+    s.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and directories of them")
+    s.add_argument("--weights", help="the weights of a named model: a file or hf-hub:org/name")
+    s.add_argument("--classes", metavar="FILE", help="class names, one a line in output order (default: the ones "
+                   "the checkpoint records, else the output indices)")
+    s.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5, at most the number of "
+                   "classes)")
+    s.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    form = s.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="write JSON instead of a table")
+    form.add_argument("--csv", action="store_true", help="write CSV (image,rank,label,index,probability) instead "
+                      "of a table")
+    s.add_argument("--output", metavar="FILE", help="write the table, JSON or CSV to FILE (atomically) instead of "
+                   "stdout")
+    s.add_argument("--strict", action="store_true", help="stop at the first unreadable image (exit status 2) instead "
+                   "of skipping it")
+    s.set_defaults(func=cmd_predict)
+
+
+def _predictions_text(results, top_k: int, form: str) -> str:
+    """The predictions as a table, JSON or CSV; ``results``: (predictor, predictions, skipped)."""
+    import csv
+    import io
+
+    predictor, done, skipped = results
+    if form == "json":
+        return json.dumps({"model": predictor.source, "preprocessing": predictor.preprocessing.to_dict(),
+                           "predictions": [p.to_dict() for p in done],
+                           "skipped": [{"image": s.image, "error": s.error} for s in skipped]}, indent=2) + "\n"
+    if form == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["image", "rank", "label", "index", "probability"])
+        for p in done:
+            for rank, (i, lab, q) in enumerate(zip(p.indices, p.labels, p.probabilities), 1):
+                writer.writerow([p.image, rank, lab, i, f"{q:.6g}"])
+        return buf.getvalue()
+    k = max((len(p.indices) for p in done), default=min(top_k, 1))
+    rows = [[p.image] + [f"{lab} {100 * q:.1f}%" for lab, q in zip(p.labels, p.probabilities)] for p in done]
+    return _table(rows, ["image"] + [f"top-{r}" for r in range(1, k + 1)]) + "\n"
+
+
+def cmd_predict(args) -> int:
+    from .engine.distributed import pick_device
+    from .fileio import write_atomic
+    from .predict import Skipped, find_images, load_predictor, predict
+
+    out = Path(args.output) if args.output else None
+    if out is not None and out.is_dir():
+        raise ValueError(f"--output {args.output!r} is a directory; name the file to write")
+    device = pick_device(args.device)
+    images = find_images(args.images)  # before the model: a typing error in a path is said at once
+    predictor = load_predictor(args.model, weights=args.weights, classes_file=args.classes)
+    done, skipped = [], []
+    show_bar = sys.stderr.isatty() and len(images) > args.batch_size
+    for r in predict(predictor, images, batch_size=args.batch_size, top_k=args.top_k, device=device,
+                     strict=args.strict, progress=show_bar):
+        if isinstance(r, Skipped):
+            skipped.append(r)
+            print(f"mixlab predict: skipped {r.image}: {r.error}", file=sys.stderr)
+        else:
+            done.append(r)
+    text = _predictions_text((predictor, done, skipped), args.top_k, "json" if args.json else
+                             "csv" if args.csv else "table")
+    if out is not None:
+        write_atomic(out, text)
+    else:
+        sys.stdout.write(text)
+    if skipped:
+        print(f"mixlab predict: {len(done)} image(s) predicted, {len(skipped)} unreadable file(s) skipped "
+              f"(exit status 1)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -346,6 +439,7 @@ def cmd_convert(args) -> int:
     import warnings
 
     from .analysis import count_params
+    from .data import Preprocessing
     from .factory import create_model
     from .weights import checkpoint_metadata, save_weights
 
@@ -369,14 +463,17 @@ def cmd_convert(args) -> int:
         print(f"mixlab convert: warning: {w.message}", file=sys.stderr)
 
     cfg = model.pretrained_cfg
+    prep = Preprocessing.from_model(model)  # the weights' data configuration (create_pretrained found it)
     metadata = checkpoint_metadata(args.model, num_classes=model.num_classes, in_chans=model.in_chans,
-                                   img_size=model.img_size, mean=cfg["mean"], std=cfg["std"], source=str(args.src),
-                                   source_format=cfg.get("source_format", "mixlab"), classes=cfg.get("classes"))
+                                   img_size=model.img_size, mean=prep.mean, std=prep.std, crop_pct=prep.crop_pct,
+                                   interpolation=prep.interpolation, source=str(args.src),
+                                   source_format=cfg.get("source_format", "mixlab"), classes=cfg.get("classes"),
+                                   preprocessing_source=cfg["data_config_source"])
     state_dict = model.state_dict()
     save_weights(state_dict, dst, metadata)  # atomic; creates dst's directory
     params = count_params(model)
     print(f"wrote {dst}: {len(state_dict)} tensors, {_fmt_int(params)} parameters ({params:,}), {args.model} from "
-          f"{metadata['source_format']} weights")
+          f"{metadata['source_format']} weights; data configuration {prep.describe()} ({cfg['data_config_source']})")
     return 0
 
 
@@ -644,14 +741,15 @@ def cmd_scale(args) -> int:
 
 
 #: the commands, in the order `mixlab --help` lists them: each function adds its sub-parser
-COMMANDS = (add_list_parser, add_info_parser, add_train_parser, add_eval_parser, add_arena_parser, add_convert_parser,
-            add_erf_parser, add_affinity_parser, add_robustness_parser, add_scale_parser, add_recipes_parser)
+COMMANDS = (add_list_parser, add_info_parser, add_train_parser, add_eval_parser, add_predict_parser,
+            add_arena_parser, add_convert_parser, add_erf_parser, add_affinity_parser, add_robustness_parser, add_scale_parser, add_recipes_parser)
 
 
 #: the exit statuses of every command (``mixlab --help`` shows them; docs/reliability.md too)
 EXIT_STATUSES = """exit status:
   0    success
-  1    nothing matched (list), or some arena models failed (see the report)
+  1    nothing matched (list), some arena models failed (see the report), or some images were unreadable
+       (predict: each is named on stderr and skipped; the others are predicted)
   2    bad usage or input: an option, a configuration, a model parameter, a file that is not what it should be
   3    training diverged (loss NaN/inf)
   4    an operating-system error: a path that cannot be written (a file where a directory should be, no

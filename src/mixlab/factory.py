@@ -14,8 +14,9 @@ import torch.nn as nn
 
 from .models.base import FeatureExtractor
 from .models.spec import check_spec, create_from_spec, is_spec
-from .registry import default_weights, model_entrypoint, resolve_name
-from .weights import architecture_kwargs, describe_source, load_state, metadata_config, read_checkpoint
+from .registry import DEFAULT_WEIGHTS, default_weights, model_entrypoint, resolve_name
+from .weights import (architecture_kwargs, describe_source, load_state, metadata_config, read_checkpoint,
+                      timm_data_config)
 
 __all__ = ["create_model", "create_pretrained", "check_model_name", "check_common_kwargs"]
 
@@ -80,7 +81,9 @@ def create_model(name: str, pretrained: bool | str | os.PathLike | Mapping = Fal
     value is an error); without ``num_classes`` the model gets the checkpoint's number of
     classes, with another one a fresh classifier (and a warning). ``pretrained_cfg["source"]``
     records where the weights came from, ``pretrained_cfg["classes"]`` the class names a mixlab
-    checkpoint records (when the model keeps its classifier).
+    checkpoint records (when the model keeps its classifier), ``mean``, ``std``, ``crop_pct`` and
+    ``interpolation`` the weights' data configuration and ``data_config_source`` where it was found
+    (see :func:`create_pretrained`).
     """
     check_common_kwargs(kwargs)
     fn = partial(create_from_spec, name) if is_spec(name) else model_entrypoint(name)
@@ -113,6 +116,13 @@ def create_pretrained(name: str, build, pretrained: Any, kwargs: dict, features_
     weights then do not fit). A mixlab-written checkpoint's input size and channels are the
     defaults; without an explicit ``num_classes`` the model takes the checkpoint's number of
     classes.
+
+    The weights' data configuration goes to ``model.pretrained_cfg`` (``mean``, ``std``,
+    ``crop_pct``, ``interpolation``, and ``data_config_source`` saying where each came from), taken
+    from the first of: a mixlab checkpoint's metadata; timm's ``pretrained_cfg`` (the ``config.json``
+    of a timm repository, next to the file or on the Hub); for a timm checkpoint of a model with
+    default weights, what timm's ``pretrained_cfg`` says of those
+    (:data:`~mixlab.registry.DEFAULT_WEIGHTS`); the model's own defaults (crop 1.0, bicubic).
     """
     extra_cfg: dict = {}
     if pretrained is True:
@@ -152,9 +162,39 @@ def create_pretrained(name: str, build, pretrained: Any, kwargs: dict, features_
         shown = ", ".join(f"{k}={needed[k]!r} ({k}={kwargs[k]!r} was passed)" for k in conflicts)
         raise ValueError(f"{name}: the checkpoint {describe_source(source)} was made for {shown}, and its weights "
                          f"cannot be adapted to the arguments passed; leave {', '.join(conflicts)} out.\n{e}") from e
-    cfg = {**extra_cfg, **{k: v for k, v in from_meta.items() if k in ("mean", "std")}}
+    cfg = _data_config(name, source, metadata, from_meta, extra_cfg, result.format)
     classes = from_meta.get("classes")
     if classes is not None and len(classes) == getattr(model, "num_classes", None):  # the checkpoint's classifier
         cfg["classes"] = classes
     model.pretrained_cfg.update(cfg, source=describe_source(source), source_format=result.format)
     return model
+
+
+#: the keys of a data configuration that ``pretrained_cfg`` holds
+_DATA_KEYS = ("mean", "std", "crop_pct", "interpolation")
+
+
+def _data_config(name: str, source: Any, metadata: Mapping[str, str], from_meta: dict, extra_cfg: dict,
+                 fmt: str) -> dict:
+    """``pretrained_cfg`` entries of the weights' data configuration, each key from the first place
+    that has it (:func:`create_pretrained` lists them), with ``data_config_source`` naming them."""
+    timm = timm_data_config(metadata)
+    known = default_weights(name) if fmt == "timm" and name in DEFAULT_WEIGHTS else {}
+    places = [(from_meta, "the checkpoint's mixlab metadata"),
+              (timm, "timm's pretrained_cfg (config.json)"),
+              (extra_cfg, "timm's pretrained_cfg of the default weights"),
+              (known, f"timm's pretrained_cfg of {name}'s default weights {known.get('source')} (the checkpoint "
+                      f"records none)")]
+    out: dict = {}
+    said: dict[str, list[str]] = {}
+    for values, where in places:
+        for key in _DATA_KEYS:
+            if key not in out and values.get(key) is not None:
+                out[key] = tuple(values[key]) if key in ("mean", "std") else values[key]
+                said.setdefault(where, []).append(key)
+    rest = [k for k in _DATA_KEYS if k not in out]
+    parts = [f"{', '.join(keys)} from {where}" for where, keys in said.items()]
+    if rest:
+        parts.append(f"{', '.join(rest)}: mixlab's defaults")
+    out["data_config_source"] = "; ".join(parts)
+    return out

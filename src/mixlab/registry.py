@@ -138,19 +138,23 @@ def family_of_class(cls: type) -> str | None:
 
 # -- default weights -------------------------------------------------------------------------------
 #: model name -> the checkpoint ``create_model(name, pretrained=True)`` loads (``source``: timm's copy on
-#: the Hugging Face Hub) and what timm's ``pretrained_cfg`` says of it that mixlab uses (``mean``, ``std``)
+#: the Hugging Face Hub) and what timm's ``pretrained_cfg`` says of it that mixlab uses (``mean``, ``std``,
+#: ``crop_pct``, ``interpolation``: its data configuration)
 DEFAULT_WEIGHTS: dict[str, dict] = {}
 
 IMAGENET_MEAN_STD = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 INCEPTION_MEAN_STD = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
 
-def register_default_weights(name: str, source: str, *, mean: tuple, std: tuple) -> None:
+def register_default_weights(name: str, source: str, *, mean: tuple, std: tuple, crop_pct: float = 0.875,
+                             interpolation: str = "bicubic") -> None:
     """The default checkpoint of the model ``name``: its ``source`` (``hf-hub:org/name`` or a path)
-    and the normalisation it was trained with."""
+    and the data configuration it was trained and evaluated with (timm's ``pretrained_cfg``: the
+    normalisation, the centre crop's fraction and the interpolation; the defaults are timm's)."""
     if name in DEFAULT_WEIGHTS:
         raise ValueError(f"default weights of {name!r} are registered twice")
-    DEFAULT_WEIGHTS[name] = {"source": source, "mean": tuple(mean), "std": tuple(std)}
+    DEFAULT_WEIGHTS[name] = {"source": source, "mean": tuple(mean), "std": tuple(std), "crop_pct": float(crop_pct),
+                             "interpolation": interpolation}
 
 
 def default_weights(name: str) -> dict:

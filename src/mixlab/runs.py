@@ -2,11 +2,13 @@
 evaluation. Used by ``mixlab eval``, the arena and the analysis commands."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from .config import RUN_CONFIG, Config, ConfigError, load_run_config
+from .data import Preprocessing
 from .engine.checkpoint import CheckpointManager, load_state
 from .engine.distributed import DistInfo, init_distributed
 from .engine.ema import ModelEma
@@ -53,7 +55,9 @@ def load_run_model(path, use_ema: bool = False, info=None):
     """The trained model of a run directory or checkpoint file, built as the run built it.
 
     Returns ``(model, cfg, info, weights_path)``; ``info`` (the dataset's DatasetInfo) is read
-    from the run's dataset unless given. The model is on the CPU, in eval mode.
+    from the run's dataset unless given. The model is on the CPU, in eval mode; its ``pretrained_cfg``
+    holds the data configuration the checkpoint records (``mean``, ``std``, ``crop_pct``,
+    ``interpolation``, ``input_size``; :meth:`Preprocessing.from_model <mixlab.data.Preprocessing.from_model>`).
     """
     run_dir, weights_path = _run_weights(path, use_ema)
     cfg = load_run_config(run_dir)  # a checkpoint is loaded as the run that wrote it built its model
@@ -73,6 +77,10 @@ def load_run_model(path, use_ema: bool = False, info=None):
     else:
         check_compatible(model, weights, meta)
         model.load_state_dict(weights)
+    # the data configuration the checkpoint records (what older ones lack: the data's own), as create_model
+    # gives a model loaded with weights (Preprocessing.from_model reads it)
+    prep = Preprocessing.from_metadata(meta, fallback=Preprocessing.from_data(info), where=str(weights_path))
+    model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **dataclasses.asdict(prep)}
     return model.eval(), cfg, info, weights_path
 
 
@@ -117,66 +125,98 @@ def check_classes(trained: Sequence[str] | None, data: Sequence[str], where: str
                       f"pass --allow-class-mismatch (allow_class_mismatch=True) to evaluate anyway")
 
 
-def check_preprocessing(recorded: dict, info, where: str) -> None:
-    """Warn when the evaluation data reaches the model otherwise than its checkpoint records
-    (``recorded``: :func:`~mixlab.weights.metadata_config` of it): another input size, or another
-    normalisation (mean/std). Scores are still computed, as the model sees that data."""
-    said = []
-    size = recorded.get("input_size")
-    if size is not None and tuple(size[1:]) != (info.img_size, info.img_size):
-        said.append(f"input {size[1]}x{size[2]} when trained, {info.img_size}x{info.img_size} now")
-    for key in ("mean", "std"):
-        was, now = recorded.get(key), tuple(float(x) for x in getattr(info, key))
-        if was is not None and (len(was) != len(now) or any(abs(a - b) > 1e-6 for a, b in zip(was, now))):
-            said.append(f"{key} {tuple(round(x, 4) for x in was)} when trained, {tuple(round(x, 4) for x in now)} now")
-    if said:
-        warnings.warn(f"{where}: the evaluation data is prepared otherwise than the training data was ("
-                      + "; ".join(said) + "): the scores measure the model on inputs it was not trained on",
-                      UserWarning, stacklevel=2)
+def check_preprocessing(model: Preprocessing, data: Preprocessing, where: str) -> list[str]:
+    """What the evaluation data's own preprocessing (``data``) does otherwise than the checkpoint's
+    (``model``: what ``where`` records), one phrase per difference (another input size,
+    normalisation, crop or interpolation); a ConfigError when the channels differ, which no
+    preprocessing mends."""
+    if model.input_size[0] != data.input_size[0]:
+        raise ConfigError(f"{where} takes {model.input_size[0]}-channel images, the evaluation data has "
+                          f"{data.input_size[0]}; evaluate it on data with its channels")
+    return model.differences(data, ("the checkpoint", "the data"))
+
+
+def _checkpoint_size(cfg: Config, metadata: dict, where: str) -> None:
+    """Set the data's image size to the input size the checkpoint records (mixlab's datasets give
+    square images), so that the model is built, and the images prepared, as the weights were made."""
+    size = metadata_config(metadata).get("input_size")
+    if size is None:
+        return
+    _, h, w = size
+    if h != w:
+        raise ConfigError(f"{where} records a {h}x{w} input and mixlab's evaluation data is square; evaluate it "
+                          f"with --data-preprocessing (the data's own size) or convert it to a square size")
+    cfg.data.img_size = h
 
 
 def evaluate_run(path, data: str | None = None, data_root: str | None = None, use_ema: bool = False,
-                 device: str = "auto", batch_size: int | None = None, allow_class_mismatch: bool = False) -> dict:
+                 device: str = "auto", batch_size: int | None = None, allow_class_mismatch: bool = False,
+                 data_preprocessing: bool = False) -> dict:
     """Evaluate a run directory or one of its checkpoints with its task's evaluation, on the
     validation split of its dataset or of ``data`` (same classes and channels). For a run
     directory: its ``best.safetensors``, or with ``use_ema`` the EMA weights of its newest checkpoint.
 
     The class names the checkpoint records must be the data's (:func:`check_classes`; with
-    ``allow_class_mismatch`` a difference is a warning instead of a ConfigError)."""
+    ``allow_class_mismatch`` a difference is a warning instead of a ConfigError).
+
+    The images are prepared as the checkpoint records (its data configuration,
+    :meth:`Preprocessing.from_metadata <mixlab.data.Preprocessing.from_metadata>`: input size, mean/std,
+    crop, interpolation; what a checkpoint written before they were recorded lacks is what the
+    evaluation data's own transform does, as it was then), or with ``data_preprocessing`` as the
+    evaluation data's own transform prepares them. The result's ``preprocessing`` says which was used
+    (``used``: ``"checkpoint"`` or ``"data"``), the configuration, and ``differences``: how the data's
+    own differs from the checkpoint's."""
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     run_dir, weights_path = _run_weights(path, use_ema)
     if not (run_dir / RUN_CONFIG).is_file() and not Path(path).is_dir():
         return _evaluate_weights_file(weights_path, data, data_root, use_ema, device, batch_size,
-                                      allow_class_mismatch)
+                                      allow_class_mismatch, data_preprocessing)
     cfg = load_run_config(run_dir)
+    metadata = load_metadata(weights_path)
     if data:
         cfg.data.name = data
     if data_root:
         cfg.data.root = data_root
+    if not data_preprocessing:
+        _checkpoint_size(cfg, metadata, str(weights_path))
     cfg.train.device = device
     if batch_size:
         cfg.train.batch_size = batch_size
     task = get_task(cfg.task)(cfg, init_distributed(device))
-    return _evaluate(task, weights_path, cfg.model.name,
-                     lambda info: load_run_model(weights_path, use_ema, info=info)[0], allow_class_mismatch)
+    return _evaluate(task, weights_path, metadata, cfg.model.name,
+                     lambda info: load_run_model(weights_path, use_ema, info=info)[0], allow_class_mismatch,
+                     data_preprocessing)
 
 
-def _evaluate(task, weights_path: Path, model_name: str, build, allow_class_mismatch: bool) -> dict:
+def _evaluate(task, weights_path: Path, metadata: dict, model_name: str, build, allow_class_mismatch: bool,
+              data_preprocessing: bool) -> dict:
     """``task``'s evaluation of the model ``build(info)`` makes from ``weights_path`` (on the CPU, in eval
-    mode), on the task's validation data, after checking the data against what the checkpoint records
-    (:func:`check_classes`, :func:`check_preprocessing`)."""
+    mode; ``metadata``: the file's), on the task's validation data, after checking the data against what
+    the checkpoint records (:func:`check_classes`, :func:`check_preprocessing`); the images prepared with
+    the checkpoint's data configuration unless ``data_preprocessing``."""
     val = task.build_data(with_train=False)
-    recorded = metadata_config(load_metadata(weights_path))
+    recorded = metadata_config(metadata)
     check_classes(recorded.get("classes"), val.info.classes, str(weights_path), allow_class_mismatch)
-    check_preprocessing(recorded, val.info, str(weights_path))
+    own = Preprocessing.from_data(val.info)
+    recorded_prep = Preprocessing.from_metadata(metadata, fallback=own, where=str(weights_path))
+    differences = check_preprocessing(recorded_prep, own, str(weights_path))
+    dataset = val.val_loader.dataset
+    used = "data"
+    if not data_preprocessing and hasattr(dataset, "transform"):
+        if differences:  # the checkpoint's own transform in place of the data's
+            dataset.transform = recorded_prep.eval_transform(val.info.native_size)
+        used = "checkpoint"
     result = task.evaluate(build(val.info).to(task.device), val.val_loader)
-    result.update(checkpoint=str(weights_path), data=val.info.name, model=model_name)
+    result.update(checkpoint=str(weights_path), data=val.info.name, model=model_name,
+                  preprocessing={"used": used, **(recorded_prep if used == "checkpoint" else own).to_dict(),
+                                 "differences": differences})
     return result
 
 
 def _evaluate_weights_file(weights_path: Path, data: str | None, data_root: str | None, use_ema: bool, device: str,
-                           batch_size: int | None, allow_class_mismatch: bool = False) -> dict:
+                           batch_size: int | None, allow_class_mismatch: bool = False,
+                           data_preprocessing: bool = False) -> dict:
     """Evaluate a classifier's weights file outside a run (``mixlab convert``'s output, or a checkpoint
     copied out of its run): the model its mixlab metadata names, on the validation split of ``data``."""
     metadata = load_metadata(weights_path)
@@ -195,6 +235,8 @@ def _evaluate_weights_file(weights_path: Path, data: str | None, data_root: str 
     _, h, w = metadata_config(metadata).get("input_size", (None, None, None))
     if h is not None and h == w:
         cfg.data.img_size = h  # the size the weights were made for (the dataset's images are resized to it)
+    elif not data_preprocessing:
+        _checkpoint_size(cfg, metadata, str(weights_path))  # says why a non-square input cannot be evaluated
     if batch_size:
         cfg.train.batch_size = batch_size
     task = get_task("classification")(cfg, init_distributed(device))
@@ -206,4 +248,4 @@ def _evaluate_weights_file(weights_path: Path, data: str | None, data_root: str 
                               f"evaluate it on a dataset with its classes")
         return model.eval()
 
-    return _evaluate(task, weights_path, arch, build, allow_class_mismatch)
+    return _evaluate(task, weights_path, metadata, arch, build, allow_class_mismatch, data_preprocessing)

@@ -138,14 +138,17 @@ def _jsonable(obj):
 
 def load_image(path, model: nn.Module) -> torch.Tensor:
     """An image file as the (1, C, H, W) input of ``model``: decoded with Pillow, converted to the
-    model's channels (grey or RGB), resized to its input size, normalised with its mean and std."""
+    model's channels (grey or RGB), prepared with its data configuration (input size, crop, mean and
+    std: :meth:`Preprocessing.from_model <mixlab.data.Preprocessing.from_model>`, as ``mixlab predict``)."""
     from PIL import Image, UnidentifiedImageError
     from torchvision.transforms import v2
+
+    from ..data import Preprocessing
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"image {str(path)!r} does not exist")
-    c, h, w = model_input_size(model)
+    c = model_input_size(model)[0]
     if c not in (1, 3):
         raise ValueError(f"image files give 1 or 3 channels; this model takes {c}")
     try:
@@ -153,8 +156,4 @@ def load_image(path, model: nn.Module) -> torch.Tensor:
             img = v2.functional.pil_to_tensor(im.convert("RGB" if c == 3 else "L"))
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read {str(path)!r} as an image (JPEG, PNG, GIF, WebP, ...): {e}") from None
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    mean = tuple(cfg.get("mean", (0.5,) * c))[:c]
-    std = tuple(cfg.get("std", (0.5,) * c))[:c]
-    tf = v2.Compose([v2.Resize((h, w), antialias=True), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-    return tf(img)[None]
+    return Preprocessing.from_model(model).eval_transform()(img)[None]

@@ -16,12 +16,17 @@ The documented path to reproducible training::
         for step, (x, y) in enumerate(loader):
             x, target = mix(x, y, seed=mix_seed(0, epoch, step))
 
+A model's data configuration (input size, mean/std, crop fraction, interpolation: what its
+checkpoints record) is a :class:`Preprocessing`; its ``eval_transform`` is the one evaluation
+transform (``build_transforms(info, train=False)`` is that of the dataset's own configuration).
+
 Every bad-input error of this package is a :class:`DataError` (a ``ValueError``).
 """
 from .datasets import DATASET_NAMES, DataError, DatasetInfo, build_datasets
 from .mixup import MixupCutmix
+from .preprocessing import Preprocessing
 from .samplers import ResumableSampler, SeededDataset, mix_seed
 from .transforms import build_transforms
 
-__all__ = ["DATASET_NAMES", "DataError", "DatasetInfo", "MixupCutmix", "ResumableSampler", "SeededDataset",
-           "build_datasets", "build_transforms", "mix_seed"]
+__all__ = ["DATASET_NAMES", "DataError", "DatasetInfo", "MixupCutmix", "Preprocessing", "ResumableSampler",
+           "SeededDataset", "build_datasets", "build_transforms", "mix_seed"]

@@ -16,14 +16,13 @@ import torch
 from torchvision.transforms import InterpolationMode, v2
 
 from .datasets import DataError, DatasetInfo
+from .preprocessing import INTERPOLATION as INTERPOLATION_NAME
+from .preprocessing import Preprocessing, interpolation_mode
 
 __all__ = ["build_transforms", "is_deterministic"]
 
-#: DeiT's interpolation, for every resize and crop.
-INTERPOLATION = InterpolationMode.BICUBIC
-
-#: The centre crop of evaluation on image folders keeps this fraction of the resized side.
-EVAL_CROP_PCT = 0.875
+#: DeiT's interpolation, for every training resize and crop (evaluation: :class:`Preprocessing`).
+INTERPOLATION = interpolation_mode(INTERPOLATION_NAME)
 
 #: 3-Augment's Gaussian blur: DeiT III draws the radius (sigma) from this range.
 BLUR_SIGMA = (0.1, 2.0)
@@ -91,7 +90,9 @@ def build_transforms(info: DatasetInfo, train: bool, img_size: int | None = None
     ``(C, img_size, img_size)`` tensor.
 
     Eval (``train=False``; the augmentation options are then ignored, so the same keyword
-    arguments can be passed for both splits): datasets of a native square size are resized to
+    arguments can be passed for both splits): the evaluation transform of the dataset's data
+    configuration (:meth:`Preprocessing.from_data(info, img_size).eval_transform
+    <mixlab.data.Preprocessing.eval_transform>`): datasets of a native square size are resized to
     ``img_size`` (nothing is done at the native size); image folders are resized to
     ``int(img_size / 0.875)`` and centre-cropped to ``img_size``.
 
@@ -129,49 +130,44 @@ def build_transforms(info: DatasetInfo, train: bool, img_size: int | None = None
     size = info.img_size if img_size is None else img_size
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise DataError(f"img_size must be a positive integer, got {size!r}")
+    if not train:
+        return Preprocessing.from_data(info, size).eval_transform(info.native_size)
     variable_size = info.native_size is None  # image folders: images of any size and shape
     resize_needed = variable_size or info.native_size != size
 
     steps: list[Callable] = [v2.ToImage()]  # PIL or tensor -> tv_tensors.Image (uint8)
-    if not train:
-        if variable_size:
-            steps += [v2.Resize(int(size / EVAL_CROP_PCT), interpolation=INTERPOLATION, antialias=True),
-                      v2.CenterCrop(size)]
-        elif resize_needed:
-            steps.append(v2.Resize((size, size), interpolation=INTERPOLATION, antialias=True))
+    for name, p in (("hflip", hflip), ("random_erasing", random_erasing)):
+        _check_prob(p, name)
+    if color_jitter < 0:
+        raise DataError(f"color_jitter must be >= 0 (0 turns it off), got {color_jitter!r}")
+    if random_resized_crop and simple_random_crop:
+        raise DataError("random_resized_crop and simple_random_crop are alternatives: set at most one")
+    if random_resized_crop:
+        lo, hi = rrc_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise DataError(f"rrc_scale must be (min, max) with 0 < min <= max <= 1, got {tuple(rrc_scale)}")
+        steps.append(v2.RandomResizedCrop(size, scale=(lo, hi), interpolation=INTERPOLATION, antialias=True))
     else:
-        for name, p in (("hflip", hflip), ("random_erasing", random_erasing)):
-            _check_prob(p, name)
-        if color_jitter < 0:
-            raise DataError(f"color_jitter must be >= 0 (0 turns it off), got {color_jitter!r}")
-        if random_resized_crop and simple_random_crop:
-            raise DataError("random_resized_crop and simple_random_crop are alternatives: set at most one")
-        if random_resized_crop:
-            lo, hi = rrc_scale
-            if not 0.0 < lo <= hi <= 1.0:
-                raise DataError(f"rrc_scale must be (min, max) with 0 < min <= max <= 1, got {tuple(rrc_scale)}")
-            steps.append(v2.RandomResizedCrop(size, scale=(lo, hi), interpolation=INTERPOLATION, antialias=True))
-        else:
-            if resize_needed:
-                steps.append(v2.Resize(size, interpolation=INTERPOLATION, antialias=True))
-            if simple_random_crop:
-                if not 0 <= crop_padding < size:
-                    raise DataError(f"crop_padding must lie in [0, img_size) = [0, {size}) for reflect "
-                                    f"padding, got {crop_padding!r}")
-                steps.append(v2.RandomCrop(size, padding=crop_padding, padding_mode="reflect"))
-            elif variable_size:
-                steps.append(v2.CenterCrop(size))
-        if hflip > 0:
-            steps.append(v2.RandomHorizontalFlip(hflip))
-        if rand_augment is not None:
-            steps.append(_rand_augment(rand_augment, info))
-        if three_augment:
-            steps.append(_three_augment(info, size))
-        if color_jitter > 0:
-            steps.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
+        if resize_needed:
+            steps.append(v2.Resize(size, interpolation=INTERPOLATION, antialias=True))
+        if simple_random_crop:
+            if not 0 <= crop_padding < size:
+                raise DataError(f"crop_padding must lie in [0, img_size) = [0, {size}) for reflect "
+                                f"padding, got {crop_padding!r}")
+            steps.append(v2.RandomCrop(size, padding=crop_padding, padding_mode="reflect"))
+        elif variable_size:
+            steps.append(v2.CenterCrop(size))
+    if hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(hflip))
+    if rand_augment is not None:
+        steps.append(_rand_augment(rand_augment, info))
+    if three_augment:
+        steps.append(_three_augment(info, size))
+    if color_jitter > 0:
+        steps.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
 
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(info.mean), list(info.std))]
-    if train and random_erasing > 0:
+    if random_erasing > 0:
         steps.append(v2.RandomErasing(p=random_erasing, value="random"))
     steps.append(v2.ToPureTensor())
     return v2.Compose(steps)

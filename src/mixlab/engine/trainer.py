@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..analysis import activation_bytes, count_macs, count_params
 from ..config import CONFIG_HISTORY, RUN_CONFIG, Config, ConfigError, load_run_config, resume_config
-from ..data import mix_seed
+from ..data import Preprocessing, mix_seed
 from ..factory import create_model
 from ..fileio import DirectoryBusy, DirectoryLock, remove_temporaries, write_atomic
 from ..weights import check_compatible, checkpoint_metadata
@@ -168,8 +168,10 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                       keep_best=cfg.checkpoint.keep_best, mode=self.task.best_mode)
         info = self.info
+        prep = Preprocessing.from_data(info)  # what the run's evaluation does: its checkpoints' data configuration
         self.metadata = checkpoint_metadata(cfg.model.name, num_classes=info.num_classes, in_chans=info.in_chans,
-                                            img_size=info.img_size, mean=info.mean, std=info.std,
+                                            img_size=info.img_size, mean=prep.mean, std=prep.std,
+                                            crop_pct=prep.crop_pct, interpolation=prep.interpolation,
                                             model_kwargs=cfg.model.kwargs, classes=info.classes, task=cfg.task)
         # the position and the account of the run (restored by _resume)
         self.epoch, self.step, self.batch_in_epoch, self.train_time, self.images_seen = 0, 0, 0, 0.0, 0

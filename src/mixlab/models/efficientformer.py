@@ -241,7 +241,8 @@ def _spec_meta3d(stage: dict, width: int, grid, mlp_ratio: float, drop_path: flo
 register_spec_mixer("meta4d", {"pool": 3}, "EfficientFormer 4D block (pooling, BN conv-MLP)", _spec_meta4d)
 register_spec_mixer("meta3d", {"heads": 8, "key_dim": 32, "attn_ratio": 4},
                     "EfficientFormer 3D block (attention with offset biases)", _spec_meta3d)
-register_default_weights("efficientformer_l1", "hf-hub:timm/efficientformer_l1.snap_dist_in1k", **IMAGENET_MEAN_STD)
+register_default_weights("efficientformer_l1", "hf-hub:timm/efficientformer_l1.snap_dist_in1k", **IMAGENET_MEAN_STD,
+                         crop_pct=0.95)
 
 
 # -- the nano model of the arena's nano-zoo line-up ----------------------------------------

@@ -149,4 +149,5 @@ register_layout("timm", "poolformer",
                 TIMM_RULES, model_class=PoolFormer, broad=True, warning=_timm_head_warning)
 register_architecture_kwargs("poolformer", _architecture_kwargs)
 for _name in ("poolformer_s12", "poolformer_s24", "poolformer_s36", "poolformer_m36", "poolformer_m48"):
-    register_default_weights(_name, f"hf-hub:timm/{_name}.sail_in1k", **IMAGENET_MEAN_STD)
+    register_default_weights(_name, f"hf-hub:timm/{_name}.sail_in1k", **IMAGENET_MEAN_STD,
+                             crop_pct=0.95 if _name.startswith("poolformer_m") else 0.9)

@@ -137,4 +137,4 @@ TIMM_RULES = [
 
 register_layout("timm", "resnet", [r"^layer[1-4]\.\d+\.", r"^conv1\.weight$"], TIMM_RULES, model_class=ResNet,
                 broad=True, mixlab_patterns=[r"^stem\.bn\.", r"^stages\.\d+\.blocks\.\d+\.(conv|bn)[123]\."])
-register_default_weights("resnet50", "hf-hub:timm/resnet50.a1_in1k", **IMAGENET_MEAN_STD)
+register_default_weights("resnet50", "hf-hub:timm/resnet50.a1_in1k", **IMAGENET_MEAN_STD, crop_pct=0.95)

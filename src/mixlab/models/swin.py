@@ -133,4 +133,5 @@ register_layout("timm", "swin", [_BLOCKS.pattern], _rules(merge_at_end=False), m
 register_architecture_kwargs("swin", _architecture_kwargs)
 for _size in ("tiny", "small", "base"):
     register_default_weights(f"swin_{_size}_patch4_window7_224",
-                             f"hf-hub:timm/swin_{_size}_patch4_window7_224.ms_in1k", **IMAGENET_MEAN_STD)
+                             f"hf-hub:timm/swin_{_size}_patch4_window7_224.ms_in1k", **IMAGENET_MEAN_STD,
+                             crop_pct=0.9)

@@ -217,7 +217,7 @@ register_architecture_kwargs("vit", _architecture_kwargs)
 for _size in ("tiny", "small", "base"):
     for _distilled in ("", "distilled_"):
         _name = f"deit_{_size}_{_distilled}patch16_224"
-        register_default_weights(_name, f"hf-hub:timm/{_name}.fb_in1k", **IMAGENET_MEAN_STD)
+        register_default_weights(_name, f"hf-hub:timm/{_name}.fb_in1k", **IMAGENET_MEAN_STD, crop_pct=0.9)
 for _size in ("tiny", "small", "base", "large"):
     _name = f"vit_{_size}_patch16_224"
-    register_default_weights(_name, f"hf-hub:timm/{_name}.augreg_in21k_ft_in1k", **INCEPTION_MEAN_STD)
+    register_default_weights(_name, f"hf-hub:timm/{_name}.augreg_in21k_ft_in1k", **INCEPTION_MEAN_STD, crop_pct=0.9)

@@ -4,11 +4,11 @@ names (:mod:`~mixlab.weights.convert`), loading with clear errors (:mod:`~mixlab
 from .convert import architecture_kwargs, convert_state_dict, detect_format
 from .fit import FitReport, check_compatible, fit_lines, fit_report
 from .io import (CheckpointError, checkpoint_metadata, describe_source, load_metadata, load_weights, metadata_config,
-                 read_checkpoint, save_weights)
+                 read_checkpoint, save_weights, timm_data_config)
 from .load import LoadResult, load_pretrained, load_state
 
 __all__ = ["architecture_kwargs", "convert_state_dict", "detect_format",
            "FitReport", "check_compatible", "fit_lines", "fit_report",
            "CheckpointError", "checkpoint_metadata", "describe_source", "load_metadata", "load_weights", "metadata_config",
-           "read_checkpoint", "save_weights",
+           "read_checkpoint", "save_weights", "timm_data_config",
            "LoadResult", "load_pretrained", "load_state"]

@@ -32,6 +32,7 @@ from ..version import __version__
 
 __all__ = ["CheckpointError", "read_checkpoint", "unwrap_checkpoint", "describe_source", "parse_hub_id",
            "save_weights", "load_weights", "load_metadata", "checkpoint_metadata", "metadata_config",
+           "timm_data_config",
            "PTH_EXTENSIONS", "SAFETENSORS_EXTENSIONS"]
 
 Source = Union[str, os.PathLike, Mapping]
@@ -41,6 +42,12 @@ PTH_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt")
 HUB_PREFIX = "hf-hub:"
 #: files looked for, in this order, in a Hub repository when the id names none
 HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
+
+#: timm's description of a checkpoint on the Hub (and in a downloaded copy of its repository), whose
+#: ``pretrained_cfg`` holds the weights' data configuration
+TIMM_CONFIG = "config.json"
+#: the metadata entry in which :func:`read_checkpoint` returns that data configuration (JSON)
+TIMM_DATA_CONFIG_KEY = "timm_data_config"
 
 #: entries of a training checkpoint that may hold the weights, the plain ones first
 CONTAINER_KEYS = ("model", "state_dict", "module", "net", "model_ema", "state_dict_ema")
@@ -79,6 +86,9 @@ def read_checkpoint(source: Source) -> tuple[dict[str, torch.Tensor], dict[str, 
     ``module``, ``net``, ``model_ema``, ``state_dict_ema``) are taken (``metadata["container"]``
     says which), a ``module.`` prefix on every key (DistributedDataParallel) is stripped, and
     values that are not tensors (an epoch counter) are dropped.
+
+    A file next to a timm ``config.json`` (a timm repository on the Hub, or a downloaded copy of
+    one) gets its data configuration in ``metadata["timm_data_config"]`` (:func:`timm_data_config`).
     """
     if isinstance(source, Mapping):
         return unwrap_checkpoint(source, "the state dict", {})
@@ -102,9 +112,34 @@ def _read_file(path: Path, where: str | None = None) -> tuple[dict[str, torch.Te
         hint = " (it is a directory)" if path.is_dir() else ""
         raise CheckpointError(f"no checkpoint file at {where!r}{hint}; check the path "
                          f"(Hub ids are written 'hf-hub:org/name')")
-    if suffix in SAFETENSORS_EXTENSIONS:
-        return _read_safetensors(path, where)
-    return _read_torch(path, where)
+    state_dict, metadata = (_read_safetensors if suffix in SAFETENSORS_EXTENSIONS else _read_torch)(path, where)
+    timm_cfg = _timm_data_config(path.parent / TIMM_CONFIG)
+    if timm_cfg:
+        metadata[TIMM_DATA_CONFIG_KEY] = json.dumps(timm_cfg)
+    return state_dict, metadata
+
+
+def _timm_data_config(path: Path) -> dict:
+    """The data configuration in a timm ``config.json`` (its ``pretrained_cfg``: ``input_size``,
+    ``mean``, ``std``, ``crop_pct``, ``interpolation``, those present), or {} where there is none
+    or it cannot be read (it only describes the weights: a broken one does not stop loading them)."""
+    try:
+        cfg = json.loads(path.read_text()).get("pretrained_cfg")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    return {k: cfg[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation") if cfg.get(k) is not None}
+
+
+def timm_data_config(metadata: Mapping[str, str]) -> dict:
+    """The data configuration timm's ``config.json`` next to the checkpoint gave
+    (:func:`read_checkpoint` keeps it in the metadata as ``timm_data_config``), or {}."""
+    try:
+        cfg = json.loads(metadata[TIMM_DATA_CONFIG_KEY])
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
 
 
 
@@ -253,6 +288,12 @@ def _read_hub(source: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                 local_only = True
                 continue
             raise ValueError(f"could not download {source!r} from the Hugging Face Hub: {e}") from e
+        if "/" not in name:  # timm's config.json (its pretrained_cfg) lands next to the file, where _read_file reads it
+            try:
+                hf_hub_download(repo_id, TIMM_CONFIG, revision=revision, local_files_only=local_only,
+                                library_name="mixlab", library_version=__version__)
+            except Exception:  # no config.json (not a timm repository), or offline: the weights need none
+                pass
         metadata = {"hub_repo": repo_id, "hub_file": name}
         if revision:
             metadata["hub_revision"] = revision
@@ -272,9 +313,11 @@ def _read_hub(source: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def metadata_config(metadata: Mapping[str, str]) -> dict:
-    """``mean``, ``std``, ``input_size``, ``num_classes`` and ``classes`` (the class names, a list)
-    from a mixlab-written checkpoint's metadata (``input_size`` as JSON ``[C, H, W]``, or ``in_chans``
-    and ``img_size``); a key the metadata lacks (earlier versions wrote no ``classes``) is left out."""
+    """``mean``, ``std``, ``input_size``, ``num_classes``, ``classes`` (the class names, a list),
+    ``crop_pct`` and ``interpolation`` from a mixlab-written
+    checkpoint's metadata (``input_size`` as JSON ``[C, H, W]``, or ``in_chans`` and ``img_size``); a
+    key the metadata lacks (earlier versions wrote no ``classes``, ``crop_pct``, ``interpolation``) is
+    left out. :meth:`mixlab.data.Preprocessing.from_metadata` builds the data configuration from it."""
     cfg: dict = {}
 
     def parse(key):
@@ -300,6 +343,11 @@ def metadata_config(metadata: Mapping[str, str]) -> dict:
     classes = parse("classes")
     if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
         cfg["classes"] = classes
+    crop = parse("crop_pct")
+    if isinstance(crop, (int, float)) and not isinstance(crop, bool):
+        cfg["crop_pct"] = float(crop)
+    if isinstance(metadata.get("interpolation"), str):
+        cfg["interpolation"] = metadata["interpolation"]
     return cfg
 
 
@@ -361,25 +409,38 @@ def _weights_file(path: PathLike) -> Path:
 
 
 # -- metadata --------------------------------------------------------------------------------------
+#: the interpolations a checkpoint's ``interpolation`` may name (timm's names)
+INTERPOLATION_NAMES = ("bicubic", "bilinear", "nearest")
+
+
 def checkpoint_metadata(architecture: str, *, num_classes: int, in_chans: int, img_size, mean, std,
-                        model_kwargs: Mapping | None = None, classes: Sequence[str] | None = None,
-                        **extra: str) -> dict[str, str]:
+                        crop_pct: float, interpolation: str, model_kwargs: Mapping | None = None,
+                        classes: Sequence[str] | None = None, **extra: str) -> dict[str, str]:
     """The string metadata of a mixlab checkpoint (a training run's or ``mixlab convert``'s).
 
     ``architecture``: the model name (or specification) to build; ``img_size``: an int or (H, W);
-    ``mean`` / ``std``: the input normalisation; ``model_kwargs``: the other ``create_model``
+    ``mean`` / ``std``: the input normalisation; ``crop_pct`` / ``interpolation``: the rest of the
+    evaluation transform (:class:`mixlab.data.Preprocessing`: the fraction of the resized image the
+    centre crop keeps, 1.0 for resize only; bicubic, bilinear or nearest); ``model_kwargs``: the other ``create_model``
     keyword arguments; ``classes``: the class names of the training data in label order (a
     classifier's ``num_classes`` outputs; another task's outputs may be other things), left out when
     not given; ``extra``: more string entries (``source``, ``source_format``, ...).
     Written: ``architecture``, ``num_classes``, ``in_chans``, ``img_size`` (JSON int or [H, W]),
-    ``input_size`` (JSON [C, H, W]), ``mean``, ``std`` (JSON lists), ``model_kwargs`` (JSON),
+    ``input_size`` (JSON [C, H, W]), ``mean``, ``std`` (JSON lists), ``crop_pct`` (JSON float),
+    ``interpolation``, ``model_kwargs`` (JSON),
     ``mixlab_version``, ``classes`` (JSON list) when given, then ``extra``; :func:`metadata_config`
     reads them back.
     """
     h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1:
+        raise ValueError(f"checkpoint_metadata: crop_pct is a fraction in (0, 1] (1.0: resize only), got {crop_pct!r}")
+    if interpolation not in INTERPOLATION_NAMES:
+        raise ValueError(f"checkpoint_metadata: interpolation is one of {', '.join(INTERPOLATION_NAMES)}, "
+                         f"got {interpolation!r}")
     meta = {"architecture": str(architecture), "num_classes": str(int(num_classes)), "in_chans": str(int(in_chans)),
             "img_size": json.dumps(h if h == w else [h, w]), "input_size": json.dumps([int(in_chans), h, w]),
             "mean": json.dumps([float(x) for x in mean]), "std": json.dumps([float(x) for x in std]),
+            "crop_pct": json.dumps(float(crop_pct)), "interpolation": str(interpolation),
             "model_kwargs": json.dumps(dict(model_kwargs or {})), "mixlab_version": __version__}
     if classes is not None:
         meta["classes"] = json.dumps([str(c) for c in classes])

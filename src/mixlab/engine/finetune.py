@@ -41,9 +41,10 @@ def _weights_of(source: str) -> tuple[str, str]:
     return "file", source  # read_checkpoint says what is wrong with a missing or unreadable file
 
 
-def load_source(model: nn.Module, source: str, classes: Sequence[str], model_name: str) -> tuple[dict, list[str]]:
-    """Load the weights of ``source`` (``model.pretrained``) into ``model``, built for the run's data
-    whose class names are ``classes``; returns ``(description, notes)``.
+def load_source(model: nn.Module, source: str, classes: Sequence[str], model_name: str,
+                img_size: int | None = None) -> tuple[dict, list[str]]:
+    """Load the weights of ``source`` (``model.pretrained``) into ``model`` (``model_name``), built for the
+    run's data whose class names are ``classes`` and input side ``img_size``; returns ``(description, notes)``.
 
     The classifier is kept when the source's has the model's number of classes and, where the source
     records class names (mixlab's runs and converted files do), the same names in the same order;
@@ -51,7 +52,7 @@ def load_source(model: nn.Module, source: str, classes: Sequence[str], model_nam
     holds ``source``, ``kind`` (run | file | hub), ``weights`` (the file read), ``format`` (mixlab,
     timm, ...), ``architecture`` (what the source records, or None), ``head`` (kept | fresh),
     ``head_reason`` and ``resized`` (tensors resampled to the model). ``notes`` are the loader's other
-    remarks, for the log. A source that cannot be read or does not fit is a ConfigError listing every
+    remarks and a word where the source records another input size than ``img_size``, for the log. A source that cannot be read or does not fit is a ConfigError listing every
     missing, unexpected and mis-shaped tensor.
     """
     kind, weights = _weights_of(source)
@@ -88,6 +89,10 @@ def load_source(model: nn.Module, source: str, classes: Sequence[str], model_nam
     notes = [str(w.message) for w in caught if "classifier" not in str(w.message)]
     if architecture and architecture != model_name:
         notes.append(f"the source records the architecture {architecture!r}; its tensors fit {model_name!r}")
+    size = recorded.get("input_size")
+    if img_size is not None and size is not None and tuple(size[1:]) != (img_size, img_size):
+        notes.append(f"the source was trained at {size[1]}x{size[2]} px, this run's input is {img_size}x{img_size} "
+                     f"(data.img_size, --img-size {size[1]} to match)")
     description = {"source": source, "kind": kind, "weights": weights, "format": result.format,
                    "architecture": architecture, "head": "fresh" if result.new_classifier else "kept",
                    "head_reason": reason, "resized": list(result.resized)}

@@ -201,7 +201,8 @@ class Trainer:
         model = create_model(cfg.model.name, **kw)
         self.pretrained: dict | None = None  # what the run started from (restored by _resume)
         if cfg.model.pretrained is not None and not (self.resume and self.ckpt.latest() is not None):
-            self.pretrained, notes = load_source(model, cfg.model.pretrained, info.classes, cfg.model.name)
+            self.pretrained, notes = load_source(model, cfg.model.pretrained, info.classes, cfg.model.name,
+                                                info.img_size)
             for note in notes:
                 _log(self.dinfo, f"note: {note}")
             _log(self.dinfo, describe(self.pretrained))

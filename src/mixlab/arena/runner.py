@@ -157,7 +157,10 @@ def arena_dir(s: ArenaSettings, base: Config) -> Path:
 def _shared_settings(s: ArenaSettings, base: Config) -> dict:
     """Everything that must not change between an arena's runs (the model list may grow)."""
     d = base.to_dict()
-    d["model"] = {k: v for k, v in d["model"].items() if k != "name"}
+    # the model's name varies; fine-tuning's keys are recorded only when set, so that an arena started by a
+    # mixlab without them (its arena.json) continues
+    unset = {"pretrained": None, "freeze": "none"}
+    d["model"] = {k: v for k, v in d["model"].items() if k != "name" and not (k in unset and v == unset[k])}
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("seed", "device")}
     d.pop("name", None)
     d.pop("output_dir", None)

@@ -203,9 +203,9 @@ class Trainer:
         if cfg.model.pretrained is not None and not (self.resume and self.ckpt.latest() is not None):
             self.pretrained, notes = load_source(model, cfg.model.pretrained, info.classes, cfg.model.name,
                                                 info.img_size)
+            _log(self.dinfo, describe(self.pretrained))
             for note in notes:
                 _log(self.dinfo, f"note: {note}")
-            _log(self.dinfo, describe(self.pretrained))
         model = model.to(self.device)
         self.frozen: list[nn.Module] = []  # modules kept in eval mode during training (a linear probe's backbone)
         if cfg.model.freeze == "backbone":

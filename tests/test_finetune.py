@@ -12,7 +12,7 @@ import torch
 
 from mixlab.arena import ArenaSettings, run_arena
 from mixlab.cli import main
-from mixlab.config import ConfigError, build_config
+from mixlab.config import ConfigError, build_config, resume_config
 from mixlab.engine.distributed import DistInfo
 from mixlab.engine.trainer import Trainer, train
 from mixlab.weights import checkpoint_metadata, load_weights, save_weights
@@ -155,6 +155,9 @@ def test_bad_sources_are_refused_before_anything_is_written(source, tmp_path, ca
     assert not (tmp_path / "x").exists()
     bad = ["train", "--model", SPEC, "--pretrained", str(tmp_path / "nowhere"), "--output", str(tmp_path)]
     assert main(bad) == 2 and "does not exist" in capsys.readouterr().err
+    saved = build_config(layer(tmp_path, "x", pretrained=str(source)))
+    with pytest.raises(ConfigError, match="model.freeze .*'none' -> 'backbone': the optimizer state"):
+        resume_config(saved, build_config(layer(tmp_path, "x", pretrained=str(source), freeze="backbone")))
 
 
 def test_freeze_without_pretrained_is_a_baseline_with_a_note(tmp_path, capsys):

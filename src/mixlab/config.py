@@ -437,6 +437,9 @@ RESUME_LOCATION = ("name", "output_dir", "recipe")
 #: Why a key outside :data:`RESUME_SAFE` cannot change on resume, by key or section (``.``).
 RESUME_REFUSED = {
     "task": "the checkpoints hold a model trained for this task",
+    "model.pretrained": "the checkpoints hold weights trained from this source (a resumed run does not read it "
+                        "again)",
+    "model.freeze": "the optimizer state in the checkpoints is of the parameters this setting trains",
     "model.": "the checkpoints hold this model's weights",
     "data.": "the checkpoints hold a model trained on this data, and their sampler position counts its batches",
     "aug.": "the checkpoints hold a model trained on data augmented this way",

@@ -52,8 +52,9 @@ def load_source(model: nn.Module, source: str, classes: Sequence[str], model_nam
     holds ``source``, ``kind`` (run | file | hub), ``weights`` (the file read), ``format`` (mixlab,
     timm, ...), ``architecture`` (what the source records, or None), ``head`` (kept | fresh),
     ``head_reason`` and ``resized`` (tensors resampled to the model). ``notes`` are the loader's other
-    remarks and a word where the source records another input size than ``img_size``, for the log. A source that cannot be read or does not fit is a ConfigError listing every
-    missing, unexpected and mis-shaped tensor.
+    remarks and a word where the source records another input size than ``img_size``, for the log. A
+    source that cannot be read or does not fit is a ConfigError listing every missing, unexpected and
+    mis-shaped tensor.
     """
     kind, weights = _weights_of(source)
     try:

@@ -135,7 +135,8 @@ def cmd_info(args) -> int:
 _TRAIN_FLAGS = {"model": "model.name", "data": "data.name", "data_root": "data.root", "img_size": "data.img_size",
                 "strict": "data.strict", "epochs": "train.epochs", "batch_size": "train.batch_size",
                 "device": "train.device", "amp": "train.amp", "compile": "train.compile", "seed": "train.seed",
-                "lr": "optimizer.lr", "output": "output_dir", "name": "name"}
+                "lr": "optimizer.lr", "output": "output_dir", "name": "name",
+                "pretrained": "model.pretrained"}
 
 
 def _train_config(args, base=None):
@@ -165,6 +166,10 @@ def add_train_parser(sub) -> None:
     s.add_argument("config", nargs="?", help="a YAML configuration file (sections model:, data:, train:, ...)")
     s.add_argument("--recipe", help="deit | convnext | deit3 | basic, or a YAML path (see `mixlab recipes`)")
     s.add_argument("--model", help="a registered model name")
+    s.add_argument("--pretrained", metavar="SOURCE",
+                   help="fine-tune: start from a mixlab run directory (its best checkpoint), a weights file "
+                        "(.safetensors, .pth) or 'hf-hub:org/name'; a new classifier where the classes differ "
+                        "(model.pretrained; --set model.freeze=backbone for a linear probe)")
     s.add_argument("--data", help="digits | fashion-mnist | cifar10 | cifar100 | imagefolder")
     s.add_argument("--data-root", help="where the dataset's files are")
     s.add_argument("--img-size", type=int, help="input size the model sees (default: the dataset's)")

@@ -42,6 +42,12 @@ class ModelConfig:
     drop_rate: float = 0.0
     #: LayerScale init for models that have it (ConvNeXt, ViT, PoolFormer); None keeps the model's default
     layer_scale: float | None = None
+    #: the weights training starts from (fine-tuning): a mixlab run directory (its best checkpoint), a weights
+    #: file (.safetensors, .pth: mixlab's, timm's or the authors' layouts) or 'hf-hub:org/name[/file]'; None:
+    #: a fresh initialisation. See docs/finetuning.md
+    pretrained: str | None = None
+    #: none | backbone (a linear probe: only the classifier head(s) train, the rest stays as it was loaded)
+    freeze: str = "none"
 
 
 @dataclass
@@ -303,6 +309,7 @@ def build_config(*layers: dict | None, recipe: str | None = None, overrides=()) 
     _apply_layers(cfg, layers, overrides)
     cfg.recipe = recipe
     validate(cfg)
+    check_sources(cfg)
     return cfg
 
 
@@ -324,6 +331,7 @@ def validate(cfg: Config) -> None:
         "train.loss": (cfg.train.loss, ("ce", "bce")),
         "train.amp": (cfg.train.amp, ("none", "bf16", "fp16")),
         "log.progress": (str(cfg.log.progress).lower(), ("auto", "true", "false")),
+        "model.freeze": (cfg.model.freeze, ("none", "backbone")),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:
@@ -369,6 +377,20 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be at least 1 or unset (null), got {v}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be 0 (load in the main process) or more, got {cfg.data.num_workers}")
+    if cfg.model.pretrained is not None and not cfg.model.pretrained.strip():
+        raise ConfigError("model.pretrained: give a run directory, a weights file or 'hf-hub:org/name', or null "
+                          "(start from a fresh initialisation)")
+
+
+def check_sources(cfg: Config) -> None:
+    """Checks of a new configuration against the file system: a local ``model.pretrained`` exists.
+    Not part of :func:`validate`, which also reads the configurations of finished runs: a fine-tuned
+    run stays readable (and resumable: it does not reload its source) after its source is moved."""
+    from .weights.io import HUB_PREFIX
+    source = cfg.model.pretrained
+    if source is not None and not source.startswith(HUB_PREFIX) and not Path(source).exists():
+        raise ConfigError(f"model.pretrained: {source!r} does not exist; give a mixlab run directory, a weights file "
+                          f"(.safetensors, .pth) or a Hugging Face Hub id 'hf-hub:org/name'")
 
 
 def config_from_dict(d: dict) -> Config:
@@ -415,6 +437,9 @@ RESUME_LOCATION = ("name", "output_dir", "recipe")
 #: Why a key outside :data:`RESUME_SAFE` cannot change on resume, by key or section (``.``).
 RESUME_REFUSED = {
     "task": "the checkpoints hold a model trained for this task",
+    "model.pretrained": "the checkpoints hold weights trained from this source (a resumed run does not read it "
+                        "again)",
+    "model.freeze": "the optimizer state in the checkpoints is of the parameters this setting trains",
     "model.": "the checkpoints hold this model's weights",
     "data.": "the checkpoints hold a model trained on this data, and their sampler position counts its batches",
     "aug.": "the checkpoints hold a model trained on data augmented this way",

@@ -22,8 +22,9 @@ import torch.nn as nn
 
 from .config import RUN_CONFIG, ConfigError, load_run_config
 from .data import DatasetInfo, Preprocessing
+from .engine.checkpoint import run_weights
 from .factory import create_model
-from .runs import _run_weights, check_class_scores, load_run_model
+from .runs import check_class_scores, load_run_model
 from .weights import load_metadata, metadata_config
 
 __all__ = ["IMAGE_EXTENSIONS", "Predictor", "Prediction", "Skipped", "load_predictor", "find_images", "predict",
@@ -95,7 +96,7 @@ def _check_classes(names: list[str] | None, num_classes: int, where: str) -> lis
 
 def _run_predictor(path: Path, classes: list[str] | None) -> Predictor:
     """The predictor of a run directory (its best checkpoint) or of a checkpoint file inside one."""
-    run_dir, weights_path = _run_weights(path, use_ema=False)
+    run_dir, weights_path = run_weights(path, use_ema=False)
     check_class_scores(run_dir, "mixlab predict")
     cfg = load_run_config(run_dir)
     metadata = load_metadata(weights_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .config import RUN_CONFIG, Config, ConfigError, load_run_config
 from .data import Preprocessing
-from .engine.checkpoint import CheckpointManager, load_state
+from .engine.checkpoint import load_state, run_weights
 from .engine.distributed import DistInfo, init_distributed
 from .engine.ema import ModelEma
 from .engine.tasks import TASKS, get_task
@@ -18,24 +18,6 @@ from .weights import check_compatible, load_metadata, load_weights, metadata_con
 
 #: how many differing classes a class-name message lists
 _MAX_CLASSES_SHOWN = 10
-
-
-def _run_weights(path, use_ema: bool) -> tuple[Path, Path]:
-    """(run directory, weights file) of a run directory or of one of its checkpoint files."""
-    path = Path(path)
-    if path.is_dir():
-        # the best weights by default; the EMA weights live in the training state of the newest checkpoint
-        run_dir, weights_path = path, path / "checkpoints" / "best.safetensors"
-        if use_ema or not weights_path.exists():
-            latest = CheckpointManager(path / "checkpoints").latest()
-            if latest is None:
-                raise ConfigError(f"{path} has no checkpoint to evaluate")
-            weights_path = latest.with_suffix(".safetensors")
-    else:
-        weights_path, run_dir = path, path.parent.parent
-    if not weights_path.exists():
-        raise ConfigError(f"checkpoint {str(weights_path)!r} does not exist")
-    return run_dir, weights_path
 
 
 def check_class_scores(run_dir, purpose: str) -> None:
@@ -59,7 +41,7 @@ def load_run_model(path, use_ema: bool = False, info=None):
     holds the data configuration the checkpoint records (``mean``, ``std``, ``crop_pct``,
     ``interpolation``, ``input_size``; :meth:`Preprocessing.from_model <mixlab.data.Preprocessing.from_model>`).
     """
-    run_dir, weights_path = _run_weights(path, use_ema)
+    run_dir, weights_path = run_weights(path, use_ema)
     cfg = load_run_config(run_dir)  # a checkpoint is loaded as the run that wrote it built its model
     task = get_task(cfg.task)(cfg, DistInfo())
     if info is None:
@@ -168,7 +150,7 @@ def evaluate_run(path, data: str | None = None, data_root: str | None = None, us
     own differs from the checkpoint's."""
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    run_dir, weights_path = _run_weights(path, use_ema)
+    run_dir, weights_path = run_weights(path, use_ema)
     if not (run_dir / RUN_CONFIG).is_file() and not Path(path).is_dir():
         return _evaluate_weights_file(weights_path, data, data_root, use_ema, device, batch_size,
                                       allow_class_mismatch, data_preprocessing)

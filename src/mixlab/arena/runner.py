@@ -130,6 +130,24 @@ def run_config(base: Config, model: str, seed: int) -> Config:
     return config_from_dict(d)
 
 
+def check_pretrained(base: Config, models: list[str]) -> None:
+    """An arena with ``model.pretrained`` compares one model: a source holds one architecture's weights.
+    Its weights are loaded into the model once here, so that a source that does not fit is refused before
+    anything trains (a ConfigError listing the misfits), not once per seed."""
+    if len(models) != 1:
+        raise ConfigError(f"model.pretrained {base.model.pretrained!r} holds the weights of one architecture; an "
+                          f"arena that starts from it trains one model (name it: mixlab arena MODEL --set "
+                          f"model.pretrained=...), not {len(models)}. To compare a linear probe, fine-tuning and "
+                          f"training from scratch, run one arena each, with its own --out")
+    from ..engine.finetune import load_source
+    from ..engine.tasks import build_task
+    from ..factory import create_model
+    task = build_task(run_config(base, models[0], 0))
+    info = task.data_info()
+    load_source(create_model(models[0], **task.model_kwargs(info)), base.model.pretrained, info.classes, models[0],
+                info.img_size)
+
+
 def arena_dir(s: ArenaSettings, base: Config) -> Path:
     if s.out:
         return Path(s.out)
@@ -139,7 +157,10 @@ def arena_dir(s: ArenaSettings, base: Config) -> Path:
 def _shared_settings(s: ArenaSettings, base: Config) -> dict:
     """Everything that must not change between an arena's runs (the model list may grow)."""
     d = base.to_dict()
-    d["model"] = {k: v for k, v in d["model"].items() if k != "name"}
+    # the model's name varies; fine-tuning's keys are recorded only when set, so that an arena started by a
+    # mixlab without them (its arena.json) continues
+    unset = {"pretrained": None, "freeze": "none"}
+    d["model"] = {k: v for k, v in d["model"].items() if k != "name" and not (k in unset and v == unset[k])}
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("seed", "device")}
     d.pop("name", None)
     d.pop("output_dir", None)
@@ -355,6 +376,8 @@ def run_arena(s: ArenaSettings, quiet: bool = False) -> dict:
         pick_device(s.device)
         if s.img_size is not None:  # without one, base_config has opened the data for its native size
             _native_size(base)
+        if base.model.pretrained is not None:
+            check_pretrained(base, s.models)
     out = arena_dir(s, base)
     out.mkdir(parents=True, exist_ok=True)
     try:

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..config import ConfigError
 from ..fileio import atomic_write, write_json
 from ..weights import CheckpointError, load_weights, save_weights
 
-__all__ = ["save_state", "load_state", "rng_state", "set_rng_state", "CheckpointManager"]
+__all__ = ["save_state", "load_state", "rng_state", "set_rng_state", "CheckpointManager", "run_weights"]
 
 PathLike = str | os.PathLike
 
@@ -315,3 +316,23 @@ class CheckpointManager:
             raise CheckpointError(f"the two files of {str(stem)!r} come from different saves (a save of the same "
                                   f"step was interrupted); resume from another checkpoint")
         return weights, state["train_state"], metadata
+
+
+def run_weights(path: PathLike, use_ema: bool = False) -> tuple[Path, Path]:
+    """``(run directory, weights file)`` of a run directory (its ``best.safetensors``; with ``use_ema``,
+    or when it has no best yet, its newest checkpoint's, whose training state holds the EMA weights) or
+    of one of its checkpoint files; a ConfigError when there is none."""
+    path = Path(path)
+    if path.is_dir():
+        run_dir, weights_path = path, path / "checkpoints" / "best.safetensors"
+        if use_ema or not weights_path.exists():
+            latest = CheckpointManager(path / "checkpoints").latest()
+            if latest is None:
+                raise ConfigError(f"{path} has no checkpoint (checkpoints/best.safetensors or ckpt-*): give the "
+                                  f"directory of a mixlab run that has trained at least one epoch")
+            weights_path = latest.with_name(latest.name + CheckpointManager.WEIGHTS_SUFFIX)
+    else:
+        weights_path, run_dir = path, path.parent.parent
+    if not weights_path.exists():
+        raise ConfigError(f"checkpoint {str(weights_path)!r} does not exist")
+    return run_dir, weights_path

@@ -41,6 +41,7 @@ from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, device_memory,
                           init_distributed)
 from .ema import ModelEma
+from .finetune import describe, freeze_backbone, load_source
 from .metrics import MetricsLog
 from .optim import build_optimizer
 from .scheduler import build_scheduler
@@ -159,20 +160,26 @@ class Trainer:
             cfg, self.changes = resume_config(load_run_config(self.run_dir), cfg)
         self.cfg, self.tc, self.resume = cfg, cfg.train, resume
         self.task = build_task(cfg, dinfo)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
+                                      keep_best=cfg.checkpoint.keep_best, mode=self.task.best_mode)
         torch.manual_seed(self.tc.seed)
         if self.tc.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self._setup_data()
         self._setup_model()
         self._setup_optimization()
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
-                                      keep_best=cfg.checkpoint.keep_best, mode=self.task.best_mode)
         info = self.info
-        prep = Preprocessing.from_data(info)  # what the run's evaluation does: its checkpoints' data configuration
+        # what the run's evaluation does (its checkpoints' data configuration), what the run started from
+        # (model.pretrained) and what trains (model.freeze) go into every checkpoint
+        prep = Preprocessing.from_data(info)
+        extra = {"freeze": cfg.model.freeze}
+        if self.pretrained is not None:
+            extra["pretrained"] = json.dumps(self.pretrained)
         self.metadata = checkpoint_metadata(cfg.model.name, num_classes=info.num_classes, in_chans=info.in_chans,
                                             img_size=info.img_size, mean=prep.mean, std=prep.std,
                                             crop_pct=prep.crop_pct, interpolation=prep.interpolation,
-                                            model_kwargs=cfg.model.kwargs, classes=info.classes, task=cfg.task)
+                                            model_kwargs=cfg.model.kwargs, classes=info.classes, task=cfg.task,
+                                            **extra)
         # the position and the account of the run (restored by _resume)
         self.epoch, self.step, self.batch_in_epoch, self.train_time, self.images_seen = 0, 0, 0, 0.0, 0
         self.loss_sum, self.loss_n = 0.0, 0  # the running train loss of the epoch (its metrics row)
@@ -190,11 +197,29 @@ class Trainer:
             _log(self.dinfo, f"skipped unreadable images: {self.info.skipped}")
 
     def _setup_model(self) -> None:
+        """Build the model; load ``model.pretrained`` into it (not when resuming from a checkpoint, which holds
+        the weights) and freeze its backbone for ``model.freeze: backbone``; then the task's set-up."""
         cfg, info = self.cfg, self.info
         kw = self.task.model_kwargs(info)
-        model = create_model(cfg.model.name, **kw).to(self.device)
+        model = create_model(cfg.model.name, **kw)
+        self.pretrained: dict | None = None  # what the run started from (restored by _resume)
+        if cfg.model.pretrained is not None and not (self.resume and self.ckpt.latest() is not None):
+            self.pretrained, notes = load_source(model, cfg.model.pretrained, info.classes, cfg.model.name,
+                                                info.img_size)
+            _log(self.dinfo, describe(self.pretrained))
+            for note in notes:
+                _log(self.dinfo, f"note: {note}")
+        model = model.to(self.device)
+        self.frozen: list[nn.Module] = []  # modules kept in eval mode during training (a linear probe's backbone)
+        if cfg.model.freeze == "backbone":
+            self.frozen = freeze_backbone(model)
+            if cfg.model.pretrained is None:
+                _log(self.dinfo, "note: model.freeze backbone without model.pretrained trains a classifier on the "
+                                 "features of a randomly initialised network (a baseline, not a probe of learned "
+                                 "features)")
         self.params = count_params(model)
         model = self.task.setup(model)
+        self.trainable = count_params(model, trainable_only=True)
         if self.tc.sync_bn and self.dinfo.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         with torch.device("meta"):
@@ -247,6 +272,9 @@ class Trainer:
         latest = self.ckpt.latest() if self.resume else None
         if latest is not None:
             weights, state, meta = self.ckpt.load(latest)
+            if "pretrained" in meta:  # what the run started from, recorded by its first checkpoint
+                self.pretrained = json.loads(meta["pretrained"])
+                self.metadata["pretrained"] = meta["pretrained"]
             check_compatible(self.raw_model, weights, meta)
             self.raw_model.load_state_dict(weights)
             self.optimizer.load_state_dict(state["optimizer"])
@@ -326,7 +354,9 @@ class Trainer:
         self._remove_temporaries()
         self._open_run_dir()
         cfg, tc, info = self.cfg, self.tc, self.info
-        _log(self.dinfo, f"training {cfg.model.name} ({self.params / 1e6:.2f}M params, {self.macs / 1e9:.3f} GMACs "
+        trainable = "all trainable" if self.trainable == self.params else f"{self.trainable:,} trainable"
+        _log(self.dinfo, f"training {cfg.model.name} ({self.params / 1e6:.2f}M params, {trainable}, "
+                         f"{self.macs / 1e9:.3f} GMACs "
                          f"at {info.img_size}px) on {info.name} ({info.num_train} train / {info.num_val} val images) "
                          f"for {tc.epochs} epochs, {self.steps_per_epoch} steps each, lr {self.lr:.3g}, global batch "
                          f"{self.global_batch}, {self.dinfo.world_size} process(es) on {self.device}; run directory "
@@ -342,6 +372,8 @@ class Trainer:
         self.sampler.set_epoch(self.epoch)
         self.sampler.set_start(self.batch_in_epoch * tc.batch_size)
         self.model.train()
+        for m in self.frozen:  # a frozen backbone computes fixed features: no BatchNorm statistics, no dropout
+            m.eval()
         self.epoch_images, self.t_epoch = 0, time.time()
         show_bar = str(log.progress).lower() == "true" or (str(log.progress).lower() == "auto" and sys.stderr.isatty())
         bar = _progress(show_bar and dinfo.is_main, self.batches_per_epoch, self.batch_in_epoch, self.epoch,
@@ -478,10 +510,11 @@ class Trainer:
                    "train_images_per_s": self.images_seen / max(self.train_time, 1e-9), "train_s": self.train_time,
                    "wall_s": time.time() - self.t_start, "peak_memory_mb": _peak_memory_mb(device),
                    "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
-                   "params": self.params, "gmacs": self.macs / 1e9, "device": str(device),
+                   "params": self.params, "trainable_params": self.trainable, "gmacs": self.macs / 1e9,
+                   "device": str(device),
                    "world_size": dinfo.world_size, "global_batch": self.global_batch, "lr": self.lr,
                    "skipped_images": info.skipped, "mean": list(info.mean), "std": list(info.std),
-                   "classes": list(info.classes)}
+                   "classes": list(info.classes), "pretrained": self.pretrained, "freeze": self.cfg.model.freeze}
         if self.ema_eval:
             summary.update(task.epoch_fields(self.ema_eval, ema=True))
         if dinfo.is_main:

@@ -61,8 +61,9 @@ def test_training_runs_and_convert_write_the_same_metadata(tmp_path):
     _, converted = load_weights(tmp_path / "converted.safetensors")
     written = checkpoint_metadata(arch, num_classes=10, in_chans=1, img_size=16, mean=[0.5], std=[0.5],
                                   crop_pct=1.0, interpolation="bicubic", classes=[str(i) for i in range(10)])
-    assert set(trained) - MANAGER_KEYS - {"task"} == set(converted) - CONVERT_KEYS == set(written)
-    assert trained["task"] == "classification"  # a training checkpoint says what its run learnt
+    # a training checkpoint also says what its run learnt and what of the model trained
+    assert set(trained) - MANAGER_KEYS - {"task", "freeze"} == set(converted) - CONVERT_KEYS == set(written)
+    assert trained["task"] == "classification" and trained["freeze"] == "none"
     # and they say the same about the network
     assert metadata_config(trained) == metadata_config(converted)
     assert metadata_config(trained)["input_size"] == (1, 16, 16) and metadata_config(trained)["num_classes"] == 10

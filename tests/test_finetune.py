@@ -72,8 +72,8 @@ def test_a_safetensors_file_with_other_class_names_or_count_gets_a_fresh_head(so
     save_weights(src, tmp_path / "names.safetensors", renamed)
     five = {**src, "head.fc.weight": src["head.fc.weight"][:5], "head.fc.bias": src["head.fc.bias"][:5]}
     save_weights(five, tmp_path / "five.safetensors",
-                 checkpoint_metadata(SPEC, num_classes=5, in_chans=1, img_size=8, mean=[0.5], std=[0.5],
-                                     classes=list("abcde")))
+                 checkpoint_metadata(SPEC, num_classes=5, in_chans=1, img_size=8, mean=[0.5], std=[0.5], crop_pct=1.0,
+                                     interpolation="bicubic", classes=list("abcde")))
     save_weights(src, tmp_path / "same.safetensors", meta)
     for name, reason in (("names", "other classes"), ("five", "classifies 5 classes, the data has 10"),
                          ("same", None)):

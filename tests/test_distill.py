@@ -230,3 +230,19 @@ def test_cached_teacher_logits_give_the_uncached_loss(tmp_path, teacher_run):
                 a, _ = cached.loss(model, batch, seed=i)
                 b, _ = uncached.loss(model, (x, y), seed=i)
             assert torch.equal(a, b), (epoch, i, a.item(), b.item())
+
+
+@pytest.mark.parametrize("name, kwargs", [(DEIT["name"], DEIT["kwargs"]),
+                                          ("efficientformer_l1", {"depths": [1, 1], "dims": [8, 16], "num_vit": 1})])
+def test_forward_heads_are_what_forward_averages_and_returns_in_training(name, kwargs):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=4, in_chans=1, img_size=16, **kwargs).eval()
+    x = torch.randn(2, 1, 16, 16)
+    assert model.distilled
+    cls_logits, dist_logits = model.forward_heads(model.forward_features(x))
+    assert torch.allclose(model(x), (cls_logits + dist_logits) / 2)
+    model.train()
+    model.distilled_training = True
+    out = model(x)
+    cls_logits, dist_logits = model.forward_heads(model.forward_features(x))  # train mode (BatchNorm)
+    assert isinstance(out, tuple) and torch.equal(out[0], cls_logits) and torch.equal(out[1], dist_logits)

@@ -167,6 +167,9 @@ class SeededDataset(Dataset):
     as well for custom transforms that use it. Transforms that use numpy's global RNG are not
     made deterministic.
 
+    ``with_index=True`` makes each item ``(image, label, index)``, ``index`` being the index of ``base``
+    the draw decodes to (the key of a per-image cache, such as the distillation task's teacher logits).
+
     A DataLoader asks for whole batches (:meth:`__getitems__`). When the transform draws no
     random numbers (:func:`~mixlab.data.transforms.is_deterministic`: evaluation, or training
     without augmentation) and ``base`` is an untransformed in-memory

@@ -46,7 +46,8 @@ def teacher_run(tmp_path_factory):
 
 def student(tmp_path, teacher, model=DEIT, **sections) -> dict:
     layer = {"task": "distill", "model": model, "data": dict(DATA), "train": {"epochs": 1, "batch_size": 16},
-             "aug": {"simple_random_crop": False}, "log": LOG, "distill": {"teacher": str(teacher)}, "output_dir": str(tmp_path)}
+             "aug": {"simple_random_crop": False}, "log": LOG, "distill": {"teacher": str(teacher)},
+             "output_dir": str(tmp_path)}
     for key, value in sections.items():
         layer[key] = {**layer.get(key, {}), **value} if isinstance(value, dict) else value
     return layer

@@ -97,6 +97,9 @@ def _run_teacher(run_dir: Path) -> TeacherSource:
         weights_path = latest.with_suffix(".safetensors")
     weights, meta = _checked(lambda: load_weights(weights_path), str(weights_path))
     recorded = metadata_config(meta)
+    if "input_size" not in recorded or "num_classes" not in recorded:
+        raise ConfigError(f"distill.teacher: {weights_path} records no input size or class count (it was not "
+                          f"written by mixlab's trainer); give it as a model name with distill.teacher_weights")
     c, h, w = recorded["input_size"]
     info = SimpleNamespace(num_classes=recorded["num_classes"], in_chans=c, img_size=h if h == w else (h, w))
     model = create_model(cfg.model.name, **task(cfg).model_kwargs(info))
@@ -238,10 +241,13 @@ class DistillationTask(ClassificationTask):
         self.teacher_description = src.description
         self.teacher_top1 = ClassificationTask.evaluate(self, self.teacher, self.val_loader)["top1"]
         if self.dinfo.is_main:
-            head = "its distillation head" if getattr(model, "distilled", False) else "its one head (logit distillation)"
+            head = ("its distillation head" if getattr(model, "distilled", False)
+                    else "its one head (logit distillation)")
+            unknown = ("; the teacher records no mean/std: it sees the student's normalisation"
+                       if src.mean is None or src.std is None else "")
             print(f"distilling into {head} from {src.description}: top-1 {self.teacher_top1:.2f}% on {info.name}'s "
                   f"validation images; {dc.type}, alpha {dc.alpha}, tau {dc.tau}, teacher logits "
-                  f"{'cached per image' if self.use_cache else 'computed every batch'}", flush=True)
+                  f"{'cached per image' if self.use_cache else 'computed every batch'}{unknown}", flush=True)
         return model
 
     def _fit_teacher(self, src: TeacherSource, info) -> nn.Module:

@@ -118,6 +118,25 @@ def test_student_without_token_distils_from_a_weights_file_soft(tmp_path, teache
     assert any(not torch.equal(a[k], b[k]) for k in a) and plain["distill"]["alpha"] == 0.0
 
 
+def test_teacher_by_model_name_with_weights(tmp_path):
+    spec = "spec:patch2 / convnext:1x8"
+    model = create_model(spec, num_classes=10, in_chans=1, img_size=8)
+    weights = tmp_path / "spec.safetensors"
+    save_weights(model.state_dict(), weights, checkpoint_metadata(
+        spec, num_classes=10, in_chans=1, img_size=8, mean=[0.5], std=[0.25], classes=[str(i) for i in range(10)]))
+    s = train(build_config(student(tmp_path, spec, name="s", distill={"teacher_weights": str(weights)})))
+    assert s["distill"]["teacher"] == f"{spec} ({weights})" and s["distill"]["teacher_top1"] is not None
+    task = DistillationTask(build_config(student(tmp_path, spec, distill={"teacher_weights": str(weights)})))
+    data = task.build_data()
+    task.setup(create_model(DEIT["name"], **task.model_kwargs(data.info)))
+    # the teacher records mean 0.5 / std 0.25, the data its own: the batch is re-normalised for it
+    assert task.teacher.renormalise and task.teacher.size is None
+    x = torch.randn(2, 1, 8, 8)
+    raw = x * task.teacher.std_s + task.teacher.mean_s
+    with torch.no_grad():
+        assert torch.allclose(task.teacher(x), task.teacher.model((raw - 0.5) / 0.25), atol=1e-5)
+
+
 def _other_class_count_file(tmp_path) -> Path:
     model = create_model(CONVNEXT["name"], num_classes=5, in_chans=1, img_size=8, **CONVNEXT["kwargs"])
     path = tmp_path / "five.safetensors"

@@ -124,9 +124,11 @@ def _file_teacher(path: Path) -> TeacherSource:
                          recorded.get("input_size"), recorded.get("classes"))
 
 
-def _named_teacher(name: str, weights: str) -> TeacherSource:
-    """A registered model (or specification) with the weights of a file or a Hub id."""
-    model = _checked(lambda: create_model(name, pretrained=weights), f"{name} with the weights {weights}")
+def _named_teacher(name: str, weights: str, in_chans: int) -> TeacherSource:
+    """A registered model (or specification) with the weights of a file or a Hub id, built for ``in_chans``
+    input channels (the student's: weights for others do not load)."""
+    model = _checked(lambda: create_model(name, pretrained=weights, in_chans=in_chans),
+                     f"{name} with the weights {weights}")
     pc = getattr(model, "pretrained_cfg", {}) or {}
     size = pc.get("input_size")
     if size is None and getattr(model, "img_size", None) is not None:
@@ -137,8 +139,9 @@ def _named_teacher(name: str, weights: str) -> TeacherSource:
                          tuple(std) if std else None, tuple(size) if size else None, pc.get("classes"))
 
 
-def load_teacher(teacher: str, teacher_weights: str | None) -> TeacherSource:
-    """The teacher ``distill.teacher`` names (see :data:`mixlab.config.TEACHER_KINDS`), on the CPU in eval mode."""
+def load_teacher(teacher: str, teacher_weights: str | None, in_chans: int) -> TeacherSource:
+    """The teacher ``distill.teacher`` names (see :data:`mixlab.config.TEACHER_KINDS`), on the CPU in eval mode;
+    ``in_chans``: the student's input channels (for a teacher given by name)."""
     path = Path(teacher)
     if path.is_dir() or path.is_file():
         if teacher_weights is not None:
@@ -155,7 +158,7 @@ def load_teacher(teacher: str, teacher_weights: str | None) -> TeacherSource:
         raise ConfigError(f"distill.teacher: the model {teacher!r} needs its trained weights: set "
                           f"distill.teacher_weights to a weights file or hf-hub:ORG/NAME (a teacher with random "
                           f"weights teaches nothing)")
-    return _named_teacher(teacher, teacher_weights)
+    return _named_teacher(teacher, teacher_weights, in_chans)
 
 
 class TeacherInput(nn.Module):
@@ -236,7 +239,7 @@ class DistillationTask(ClassificationTask):
             return model
         dc, info = self.cfg.distill, self.info
         with torch.random.fork_rng(devices=[]):  # building the teacher draws no numbers from the run's streams
-            src = load_teacher(dc.teacher, dc.teacher_weights)
+            src = load_teacher(dc.teacher, dc.teacher_weights, info.in_chans)
         self.teacher = self._fit_teacher(src, info).to(self.device).eval().requires_grad_(False)
         self.teacher_description = src.description
         self.teacher_top1 = ClassificationTask.evaluate(self, self.teacher, self.val_loader)["top1"]

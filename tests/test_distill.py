@@ -180,8 +180,8 @@ def _mixlab(*args, **kw):
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, teacher_run):
     teacher, _ = teacher_run
-    # 8 steps an epoch, 3 epochs, a checkpoint every 3 steps; random crops and mixup: the teacher sees them
-    layer = student(tmp_path, teacher, train={"epochs": 3, "batch_size": 16}, checkpoint={"every_steps": 3},
+    # 8 steps an epoch, 2 epochs, a checkpoint every 3 steps; random crops and mixup: the teacher sees them
+    layer = student(tmp_path, teacher, train={"epochs": 2, "batch_size": 16}, checkpoint={"every_steps": 3},
                     aug={"simple_random_crop": True, "crop_padding": 1, "mixup": 0.5})
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(layer))
@@ -204,8 +204,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, teacher_run):
     res = _mixlab("train", "--resume", str(run))
     assert res.returncode == 0, res.stderr
     assert "resumed from" in res.stdout
-    a, _ = load_weights(tmp_path / "ref" / "checkpoints" / "ckpt-00000024.safetensors")
-    b, _ = load_weights(run / "checkpoints" / "ckpt-00000024.safetensors")
+    a, _ = load_weights(tmp_path / "ref" / "checkpoints" / "ckpt-00000016.safetensors")
+    b, _ = load_weights(run / "checkpoints" / "ckpt-00000016.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ref_sum = json.loads((tmp_path / "ref" / "summary.json").read_text())
     res_sum = json.loads((run / "summary.json").read_text())

@@ -266,3 +266,14 @@ def test_forward_heads_are_what_forward_averages_and_returns_in_training(name, k
     out = model(x)
     cls_logits, dist_logits = model.forward_heads(model.forward_features(x))  # train mode (BatchNorm)
     assert isinstance(out, tuple) and torch.equal(out[0], cls_logits) and torch.equal(out[1], dist_logits)
+
+
+def test_an_arena_started_before_the_distill_section_goes_on():
+    from mixlab.arena.runner import ArenaSettings, _shared_settings, _with_new_keys, base_config
+    s = ArenaSettings(models=["nano_vit"], data="digits", epochs=1)
+    shared = _shared_settings(s, base_config(s))
+    old = json.loads(json.dumps(shared))
+    del old["train_config"]["distill"]  # what an arena.json of mixlab before the distill task records
+    assert _with_new_keys(old) == shared
+    old["train_config"]["train"]["epochs"] = 2  # a real difference stays one
+    assert _with_new_keys(old) != shared

@@ -137,3 +137,18 @@ def test_vs_timm_tensor_memory_is_refused_without_memory_probes():
     out = subprocess.run([sys.executable, str(BENCH / "vs_timm.py"), "--tensor-memory", "--no-memory"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "cannot go with --no-memory" in out.stderr
+
+
+def test_distill_cache_benchmark_runs(tmp_path):
+    from mixlab.factory import create_model
+    from mixlab.weights import checkpoint_metadata, save_weights
+    kwargs = {"patch_size": 1, "dims": [8, 16], "depths": [1, 1]}  # a tiny ConvNeXt teacher for the 8x8 digits
+    teacher = tmp_path / "teacher.safetensors"
+    save_weights(create_model("convnext_tiny", num_classes=10, in_chans=1, img_size=8, **kwargs).state_dict(), teacher,
+                 checkpoint_metadata("convnext_tiny", num_classes=10, in_chans=1, img_size=8, mean=[0.5], std=[0.5],
+                                     model_kwargs=kwargs, classes=[str(i) for i in range(10)]))
+    stdout, result = run_script("distill_cache.py", "--teacher", str(teacher), "--data", "digits", "--student",
+                                "nano_resnet", "--limit-train", "64", "--batch", "16", "--repeats", "2", "--iters", "2",
+                                "--warmup", "0", tmp_path=tmp_path)
+    assert set(result["img_s"]) == {"uncached", "cached"} and len(result["ratios"]) == 2
+    assert result["cache_images"] == 64 and "| nano_resnet |" in stdout

@@ -613,6 +613,17 @@ def test_seeded_dataset_batches_deterministic_transforms_bit_for_bit(size):
             assert len(got) == len(by_item) and all(torch.equal(a, b) for a, b in zip(got, by_item))
 
 
+def test_seeded_dataset_with_index_adds_the_base_index():
+    """``with_index``: each item also carries the index of ``base`` its draw id decodes to (a per-image
+    cache's key, the distillation task's), on the batched and the per-item paths alike."""
+    train, _, info = build_datasets("digits", limit_train=16)
+    draws = [3, 16 + 5, 2 * 16 + 15]
+    for tf in (build_transforms(info, train=False, img_size=8), build_transforms(info, train=True, hflip=0.5)):
+        plain, indexed = SeededDataset(train, tf, seed=1), SeededDataset(train, tf, seed=1, with_index=True)
+        for (x, y), (xi, yi, i), d in zip(plain.__getitems__(draws), indexed.__getitems__(draws), draws):
+            assert torch.equal(x, xi) and y == yi and i == d % 16 and torch.equal(indexed[d][0], x)
+
+
 def test_seeded_dataset_batches_only_what_it_may():
     """Random transforms, transformed or file-backed bases and no transform keep the per-item
     path; negative draws are refused either way."""

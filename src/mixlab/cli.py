@@ -258,7 +258,9 @@ def cmd_eval(args) -> int:
         where = f"{r['model']} on {r['data']} (" + (f"{r['images']} images, " if "images" in r else "") \
             + f"{r['checkpoint']})"
         if "top1" in r:  # classification
-            print(f"{where}: top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%, loss {r['loss']:.4f}")
+            heads = (f", class head {r['top1_cls']:.2f}%, distillation head {r['top1_dist']:.2f}%"
+                     if "top1_cls" in r else "")  # a distillation run's student
+            print(f"{where}: top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%, loss {r['loss']:.4f}{heads}")
         else:  # another task: its metrics as it names them
             shown = {k: v for k, v in r.items() if isinstance(v, float) and k not in ("images",)}
             print(f"{where}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))

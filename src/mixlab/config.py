@@ -163,6 +163,26 @@ class LogConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (``task: distill``; DeiT, "Training data-efficient image transformers &
+    distillation through attention"). See docs/tasks.md."""
+    #: the teacher: a mixlab run directory (its best checkpoint), a weights file with mixlab metadata
+    #: (.safetensors / .pth), or a registered model name (then with teacher_weights)
+    teacher: str | None = None
+    #: the weights of a teacher given by model name: a file or an ``hf-hub:`` id
+    teacher_weights: str | None = None
+    #: hard (the teacher's argmax, DeiT's default) | soft (KL divergence at temperature tau)
+    type: str = "hard"
+    #: weight of the distillation loss; the label loss has 1 - alpha
+    alpha: float = 0.5
+    #: temperature of soft distillation
+    tau: float = 1.0
+    #: keep the teacher's logits per training image: auto (when the training images are not augmented and
+    #: there is no mixup/cutmix) | true (an error when they are) | false (YAML booleans too)
+    cache: str | bool = "auto"
+
+
+@dataclass
 class Config:
     #: what the model learns: a task of mixlab.engine.tasks (checked against them when a run starts);
     #: a run's config.yaml without this key (mixlab 0.1.0) is classification
@@ -176,6 +196,7 @@ class Config:
     ema: EmaConfig = field(default_factory=EmaConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     #: the recipe this configuration started from (informational once resolved)
     recipe: str | None = None
     #: runs are written to output_dir/name
@@ -332,6 +353,8 @@ def validate(cfg: Config) -> None:
         "train.amp": (cfg.train.amp, ("none", "bf16", "fp16")),
         "log.progress": (str(cfg.log.progress).lower(), ("auto", "true", "false")),
         "model.freeze": (cfg.model.freeze, ("none", "backbone")),
+        "distill.type": (cfg.distill.type, ("hard", "soft")),
+        "distill.cache": (str(cfg.distill.cache).lower(), ("auto", "true", "false")),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:
@@ -375,6 +398,7 @@ def validate(cfg: Config) -> None:
                    "data.limit_val": cfg.data.limit_val}.items():
         if v is not None and v < 1:
             raise ConfigError(f"{key} must be at least 1 or unset (null), got {v}")
+    _validate_distill(cfg)
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be 0 (load in the main process) or more, got {cfg.data.num_workers}")
     if cfg.model.pretrained is not None and not cfg.model.pretrained.strip():
@@ -391,6 +415,27 @@ def check_sources(cfg: Config) -> None:
     if source is not None and not source.startswith(HUB_PREFIX) and not Path(source).exists():
         raise ConfigError(f"model.pretrained: {source!r} does not exist; give a mixlab run directory, a weights file "
                           f"(.safetensors, .pth) or a Hugging Face Hub id 'hf-hub:org/name'")
+
+
+#: what ``distill.teacher`` may be (the messages of a missing or unusable teacher)
+TEACHER_KINDS = ("a mixlab run directory (its best checkpoint), a .safetensors / .pth weights file with mixlab "
+                 "metadata, or a registered model name with distill.teacher_weights (a file or hf-hub:ORG/NAME)")
+
+
+def _validate_distill(cfg: Config) -> None:
+    dc = cfg.distill
+    if cfg.task != "distill":
+        given = [k for k in ("teacher", "teacher_weights") if getattr(dc, k) is not None]
+        if given:
+            raise ConfigError(f"distill.{given[0]} is set but task is {cfg.task!r}; set task: distill to distil from "
+                              f"a teacher, or leave distill.{given[0]} out")
+        return
+    if not dc.teacher:
+        raise ConfigError(f"task distill needs a teacher: set distill.teacher to {TEACHER_KINDS}")
+    if not 0.0 <= dc.alpha <= 1.0:
+        raise ConfigError(f"distill.alpha is the weight of the distillation loss, in [0, 1]; got {dc.alpha}")
+    if not dc.tau > 0:
+        raise ConfigError(f"distill.tau is a temperature and must be positive, got {dc.tau}")
 
 
 def config_from_dict(d: dict) -> Config:
@@ -449,6 +494,7 @@ RESUME_REFUSED = {
     "train.accum_steps": "the step count in the checkpoints is counted in accumulated batches",
     "train.": "it changes what the run's checkpoints mean",
     "ema.": "the EMA weights in the checkpoints were averaged with it",
+    "distill.": "the checkpoints hold a student trained against this teacher and loss",
 }
 
 

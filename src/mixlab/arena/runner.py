@@ -156,15 +156,28 @@ def arena_dir(s: ArenaSettings, base: Config) -> Path:
 
 def _shared_settings(s: ArenaSettings, base: Config) -> dict:
     """Everything that must not change between an arena's runs (the model list may grow)."""
-    d = base.to_dict()
-    # the model's name varies; fine-tuning's keys are recorded only when set, so that an arena started by a
-    # mixlab without them (its arena.json) continues
-    unset = {"pretrained": None, "freeze": "none"}
-    d["model"] = {k: v for k, v in d["model"].items() if k != "name" and not (k in unset and v == unset[k])}
+    return {"seeds": s.seeds, "train_config": _shared_config(base.to_dict())}
+
+
+def _with_new_keys(saved: dict) -> dict:
+    """The shared settings an ``arena.json`` records, with the configuration keys added to mixlab since it was
+    written (a ``distill:`` section, ...) at their defaults: an arena started before goes on."""
+    def fill(defaults, have):
+        if not isinstance(defaults, dict) or not isinstance(have, dict):
+            return have
+        return {**defaults, **{k: fill(defaults.get(k), v) for k, v in have.items()}}
+    if not isinstance(saved.get("train_config"), dict):
+        return saved
+    return {**saved, "train_config": fill(_shared_config(Config().to_dict()), saved["train_config"])}
+
+
+def _shared_config(d: dict) -> dict:
+    """A configuration's dictionary less what may differ between an arena's runs."""
+    d["model"] = {k: v for k, v in d["model"].items() if k != "name"}
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("seed", "device")}
     d.pop("name", None)
     d.pop("output_dir", None)
-    return {"seeds": s.seeds, "train_config": d}
+    return d
 
 
 def environment(device: str) -> dict:
@@ -467,6 +480,7 @@ class ArenaRun:
         arena_file = self.out / ARENA_FILE
         if arena_file.exists():
             saved = json.loads(arena_file.read_text())
+            saved["shared"] = _with_new_keys(saved.get("shared", {}))
             if saved.get("shared") != shared and not self._any_run_started():
                 # nothing trained under the old settings (e.g. a first attempt with a wrong data root): replace
                 # them, and the configurations its runs were given

@@ -167,6 +167,9 @@ class SeededDataset(Dataset):
     as well for custom transforms that use it. Transforms that use numpy's global RNG are not
     made deterministic.
 
+    ``with_index=True`` makes each item ``(image, label, index)``, ``index`` being the index of ``base``
+    the draw decodes to (the key of a per-image cache, such as the distillation task's teacher logits).
+
     A DataLoader asks for whole batches (:meth:`__getitems__`). When the transform draws no
     random numbers (:func:`~mixlab.data.transforms.is_deterministic`: evaluation, or training
     without augmentation) and ``base`` is an untransformed in-memory
@@ -177,12 +180,14 @@ class SeededDataset(Dataset):
     (``benchmarks/data_loading.py``).
     """
 
-    def __init__(self, base: Dataset, transform: Callable | None, seed: int = 0) -> None:
+    def __init__(self, base: Dataset, transform: Callable | None, seed: int = 0, with_index: bool = False) -> None:
         if len(base) == 0:  # type: ignore[arg-type]
             raise DataError("the base dataset of a SeededDataset is empty")
         self.base = base
         self.transform = transform
         self.seed = _check_int(seed, "seed", 0)
+        #: items are (image, label, index of base) instead of (image, label): a per-image cache's key
+        self.with_index = bool(with_index)
 
     @property
     def batched(self) -> bool:
@@ -199,10 +204,14 @@ class SeededDataset(Dataset):
             raise DataError(f"SeededDataset indices are draw ids >= 0, got {draw}")
         return int(draw) % len(self)
 
-    def __getitem__(self, draw: int) -> tuple[Any, Any]:
+    def __getitem__(self, draw: int) -> tuple[Any, ...]:
         image, label = self.base[self._index(draw)]
-        if self.transform is None:
-            return image, label
+        if self.transform is not None:
+            image = self._transform(image, draw)
+        return (image, label, self._index(draw)) if self.with_index else (image, label)
+
+    def _transform(self, image: Any, draw: int) -> Any:
+        """``transform(image)`` with the random streams seeded from the draw id."""
         item_seed = mix_seed(self.seed, draw)
         py_state = random.getstate()
         try:
@@ -211,10 +220,9 @@ class SeededDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(item_seed)
                 random.seed(item_seed)
-                image = self.transform(image)
+                return self.transform(image)
         finally:
             random.setstate(py_state)
-        return image, label
 
     def __getitems__(self, draws: list[int]) -> list[tuple[Any, Any]]:
         """The items of a batch of draw ids, as DataLoader asks for them: ``[self[d] for d in
@@ -223,4 +231,6 @@ class SeededDataset(Dataset):
             return [self[d] for d in draws]
         index = torch.as_tensor([self._index(d) for d in draws], dtype=torch.long)
         images = self.transform(tv_tensors.Image(self.base.images[index]))
+        if self.with_index:
+            return list(zip(images.unbind(0), self.base.targets[index].tolist(), index.tolist()))
         return list(zip(images.unbind(0), self.base.targets[index].tolist()))

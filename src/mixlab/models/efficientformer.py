@@ -188,14 +188,20 @@ class EfficientFormer(HierarchicalModel):
                          head=ClassifierHead(dims[-1], num_classes, pool="avg", drop_rate=drop_rate),
                          feature_info=info, stage_mixers=mixers)
         self.head_dist = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.distilled = True
         self.distilled_training = False
         self.apply(init_weights_vit)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+    def forward_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class logits, distillation logits) of :meth:`forward_features`' output: the pooled
+        features through the classifier and through ``head_dist``."""
         feats = self.head(x, pre_logits=True)
+        return self.head.fc(feats), self.head_dist(feats)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
         if pre_logits:
-            return feats
-        logits, logits_dist = self.head.fc(feats), self.head_dist(feats)
+            return self.head(x, pre_logits=True)
+        logits, logits_dist = self.forward_heads(x)
         if self.distilled_training and self.training:
             return logits, logits_dist
         return (logits + logits_dist) / 2

@@ -85,14 +85,19 @@ class VisionTransformer(MixlabModel):
         x, _ = self._embed(x)
         return self.norm(self.blocks(x))
 
+    def forward_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class logits, distillation logits) of :meth:`forward_features`' output: the class token
+        through the classifier, the distillation token through ``head_dist`` (distilled models only)."""
+        if not self.distilled:
+            raise ValueError("forward_heads: this VisionTransformer has no distillation head (distilled=False)")
+        return self.head.fc(self.head.drop(x[:, 0])), self.head_dist(x[:, 1])
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
         if not self.distilled:
             return self.head(x, pre_logits=pre_logits)
-        x_cls, x_dist = x[:, 0], x[:, 1]
         if pre_logits:
-            return (x_cls + x_dist) / 2
-        logits = self.head.fc(self.head.drop(x_cls))
-        logits_dist = self.head_dist(x_dist)
+            return (x[:, 0] + x[:, 1]) / 2
+        logits, logits_dist = self.forward_heads(x)
         if self.distilled_training and self.training:
             return logits, logits_dist
         return (logits + logits_dist) / 2

@@ -2,5 +2,7 @@
 :func:`get_task`) and the built-in tasks. See docs/tasks.md."""
 from .base import TASKS, Task, TaskData, autocast, build_task, get_task, register_task
 from .classification import ClassificationTask
+from .distill import DistillationTask
 
-__all__ = ["Task", "TaskData", "TASKS", "register_task", "get_task", "build_task", "autocast", "ClassificationTask"]
+__all__ = ["Task", "TaskData", "TASKS", "register_task", "get_task", "build_task", "autocast", "ClassificationTask",
+           "DistillationTask"]

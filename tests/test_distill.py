@@ -123,7 +123,8 @@ def test_teacher_by_model_name_with_weights(tmp_path):
     model = create_model(spec, num_classes=10, in_chans=1, img_size=8)
     weights = tmp_path / "spec.safetensors"
     save_weights(model.state_dict(), weights, checkpoint_metadata(
-        spec, num_classes=10, in_chans=1, img_size=8, mean=[0.5], std=[0.25], classes=[str(i) for i in range(10)]))
+        spec, num_classes=10, in_chans=1, img_size=8, mean=[0.5], std=[0.25], crop_pct=1.0, interpolation="bicubic",
+        classes=[str(i) for i in range(10)]))
     s = train(build_config(student(tmp_path, spec, name="s", distill={"teacher_weights": str(weights)})))
     assert s["distill"]["teacher"] == f"{spec} ({weights})" and s["distill"]["teacher_top1"] is not None
     task = DistillationTask(build_config(student(tmp_path, spec, distill={"teacher_weights": str(weights)})))
@@ -141,8 +142,8 @@ def _other_class_count_file(tmp_path) -> Path:
     model = create_model(CONVNEXT["name"], num_classes=5, in_chans=1, img_size=8, **CONVNEXT["kwargs"])
     path = tmp_path / "five.safetensors"
     save_weights(model.state_dict(), path, checkpoint_metadata(
-        CONVNEXT["name"], num_classes=5, in_chans=1, img_size=8, mean=[0.5], std=[0.5],
-        model_kwargs=CONVNEXT["kwargs"], classes=list("abcde")))
+        CONVNEXT["name"], num_classes=5, in_chans=1, img_size=8, mean=[0.5], std=[0.5], crop_pct=1.0,
+        interpolation="bicubic", model_kwargs=CONVNEXT["kwargs"], classes=list("abcde")))
     return path
 
 

@@ -21,11 +21,11 @@ import torch
 import torch.nn as nn
 
 from .config import RUN_CONFIG, ConfigError, load_run_config
-from .data import DatasetInfo, Preprocessing
+from .data import Preprocessing, recorded_info
 from .engine.checkpoint import run_weights
 from .factory import create_model
 from .runs import check_class_scores, load_run_model
-from .weights import load_metadata, metadata_config
+from .weights import load_metadata
 
 __all__ = ["IMAGE_EXTENSIONS", "Predictor", "Prediction", "Skipped", "load_predictor", "find_images", "predict",
            "read_classes"]
@@ -100,25 +100,15 @@ def _run_predictor(path: Path, classes: list[str] | None) -> Predictor:
     check_class_scores(run_dir, "mixlab predict")
     cfg = load_run_config(run_dir)
     metadata = load_metadata(weights_path)
-    recorded = metadata_config(metadata)
-    c, h, w = Preprocessing.from_metadata(metadata, where=str(weights_path)).input_size
-    if h != w:
-        raise ConfigError(f"{weights_path} records a {h}x{w} input; mixlab runs train on square images")
-    names = classes if classes is not None else recorded.get("classes")
+    # the model is rebuilt from what the checkpoint records: the training data need not be at hand
+    info = recorded_info(metadata, cfg.data.name, where=str(weights_path))
+    names = classes if classes is not None else (info.classes or None)
     if names is None:  # runs written before checkpoints recorded them: the summary may
         try:
             names = json.loads((run_dir / "summary.json").read_text()).get("classes")
         except (OSError, ValueError, AttributeError):
             names = None
-    num_classes = recorded.get("num_classes")
-    if num_classes is None:
-        raise ConfigError(f"{weights_path} records no number of classes; it is not a classifier's checkpoint")
-    # the model is rebuilt from what the checkpoint records: the training data need not be at hand (image
-    # folders are the datasets of no one native size, which a checkpoint written before mixlab recorded the
-    # crop was evaluated with a crop of)
-    info = DatasetInfo(name=cfg.data.name, num_classes=num_classes, in_chans=c, img_size=h,
-                       mean=recorded["mean"], std=recorded["std"], classes=list(names or []), num_train=0, num_val=0,
-                       native_size=None if cfg.data.name == "imagefolder" else h)
+    num_classes = info.num_classes
     model = load_run_model(weights_path, info=info)[0]
     where = "--classes" if classes is not None else str(weights_path)
     return Predictor(model, Preprocessing.from_model(model), _check_classes(names, num_classes, where),

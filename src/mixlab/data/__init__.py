@@ -24,9 +24,9 @@ Every bad-input error of this package is a :class:`DataError` (a ``ValueError``)
 """
 from .datasets import DATASET_NAMES, DataError, DatasetInfo, build_datasets
 from .mixup import MixupCutmix
-from .preprocessing import Preprocessing
+from .preprocessing import Preprocessing, recorded_info
 from .samplers import ResumableSampler, SeededDataset, mix_seed
 from .transforms import build_transforms
 
 __all__ = ["DATASET_NAMES", "DataError", "DatasetInfo", "MixupCutmix", "Preprocessing", "ResumableSampler",
-           "SeededDataset", "build_datasets", "build_transforms", "mix_seed"]
+           "SeededDataset", "build_datasets", "build_transforms", "mix_seed", "recorded_info"]

@@ -27,7 +27,7 @@ from ..weights import metadata_config
 from .datasets import DataError, DatasetInfo
 
 __all__ = ["Preprocessing", "EVAL_CROP_PCT", "INTERPOLATION", "INTERPOLATIONS", "interpolation_mode",
-           "dataset_crop_pct"]
+           "dataset_crop_pct", "recorded_info"]
 
 #: the interpolation mixlab trains and evaluates with (DeiT's)
 INTERPOLATION = "bicubic"
@@ -192,3 +192,20 @@ class Preprocessing:
         if self.interpolation != other.interpolation:
             said.append(f"interpolation {self.interpolation} ({a_}) vs {other.interpolation} ({b_})")
         return said
+
+
+def recorded_info(metadata: Mapping[str, str], data_name: str, where: str = "the checkpoint") -> DatasetInfo:
+    """The :class:`~mixlab.data.DatasetInfo` a mixlab checkpoint records of the data its model was built for
+    (classes, channels, square input size, mean and std; no images counted), so that a run's model can be
+    rebuilt without its training data at hand. ``data_name`` is the run's dataset (image folders have no one
+    native size). A DataError names ``where`` when the metadata lacks what a classifier's checkpoint holds."""
+    prep = Preprocessing.from_metadata(metadata, where=where)
+    recorded = metadata_config(metadata)
+    c, h, w = prep.input_size
+    if h != w:
+        raise DataError(f"{where} records a {h}x{w} input; mixlab runs train on square images")
+    if "num_classes" not in recorded:
+        raise DataError(f"{where} records no number of classes; it is not a classifier's checkpoint")
+    return DatasetInfo(name=data_name, num_classes=recorded["num_classes"], in_chans=c, img_size=h, mean=prep.mean,
+                       std=prep.std, classes=list(recorded.get("classes") or []), num_train=0, num_val=0,
+                       native_size=None if data_name == "imagefolder" else h)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -22,10 +21,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ...config import TEACHER_KINDS, ConfigError, load_run_config
+from ...data import recorded_info
 from ...data.transforms import is_deterministic
 from ...factory import check_model_name, create_model
 from ...weights import check_compatible, load_metadata, load_weights, metadata_config, read_checkpoint
-from ..checkpoint import CheckpointManager
+from ..checkpoint import run_weights
 from ..distributed import all_reduce_sum
 from ..metrics import topk_correct
 from .base import get_task, register_task
@@ -89,24 +89,14 @@ def _run_teacher(run_dir: Path) -> TeacherSource:
     if not task.class_scores:
         raise ConfigError(f"distill.teacher: {run_dir} is a run of the task {cfg.task!r}, whose model outputs no "
                           f"class scores; a teacher must be an image classifier")
-    weights_path = run_dir / "checkpoints" / "best.safetensors"
-    if not weights_path.exists():
-        latest = CheckpointManager(run_dir / "checkpoints").latest()
-        if latest is None:
-            raise ConfigError(f"distill.teacher: the run {run_dir} has no checkpoint yet; train it first")
-        weights_path = latest.with_suffix(".safetensors")
+    _, weights_path = run_weights(run_dir)
     weights, meta = _checked(lambda: load_weights(weights_path), str(weights_path))
-    recorded = metadata_config(meta)
-    if "input_size" not in recorded or "num_classes" not in recorded:
-        raise ConfigError(f"distill.teacher: {weights_path} records no input size or class count (it was not "
-                          f"written by mixlab's trainer); give it as a model name with distill.teacher_weights")
-    c, h, w = recorded["input_size"]
-    info = SimpleNamespace(num_classes=recorded["num_classes"], in_chans=c, img_size=h if h == w else (h, w))
+    info = _checked(lambda: recorded_info(meta, cfg.data.name, where=str(weights_path)), str(weights_path))
     model = create_model(cfg.model.name, **task(cfg).model_kwargs(info))
     _checked(lambda: check_compatible(model, weights, meta), str(weights_path))
     model.load_state_dict(weights)
     return TeacherSource(model.eval(), f"run {run_dir} ({cfg.model.name}, {weights_path.name})",
-                         recorded.get("mean"), recorded.get("std"), recorded["input_size"], recorded.get("classes"))
+                         info.mean, info.std, (info.in_chans, info.img_size, info.img_size), info.classes or None)
 
 
 def _file_teacher(path: Path) -> TeacherSource:

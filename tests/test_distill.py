@@ -8,15 +8,15 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+from helpers import kill_at_checkpoint, mixlab
 
 from mixlab.config import ConfigError, build_config
 from mixlab.engine.distributed import DistInfo
@@ -168,17 +168,6 @@ def test_bad_teachers_are_refused_before_anything_is_written(tmp_path, teacher_r
         train(build_config(student(tmp_path, teacher, name="c", aug={"hflip": 0.5}, distill={"cache": True})))
 
 
-def _latest_step(run: Path) -> int | None:
-    try:
-        return json.loads((run / "checkpoints" / "latest.json").read_text())["step"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return None
-
-
-def _mixlab(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "mixlab", *args], capture_output=True, text=True, timeout=600, **kw)
-
-
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, teacher_run):
     teacher, _ = teacher_run
     # 8 steps an epoch, 2 epochs, a checkpoint every 3 steps; random crops and mixup: the teacher sees them
@@ -186,23 +175,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, teacher_run):
                     aug={"simple_random_crop": True, "crop_padding": 1, "mixup": 0.5})
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(layer))
-    ref = _mixlab("train", str(cfg), "--name", "ref")
+    ref = mixlab("train", str(cfg), "--name", "ref")
     assert ref.returncode == 0, ref.stderr
-    proc = subprocess.Popen([sys.executable, "-m", "mixlab", "train", str(cfg), "--name", "killed"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / "killed"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        step = _latest_step(run)
-        if step is not None and step >= 9 and step % 8:  # a mid-epoch checkpoint of epoch 2
-            break
-        if proc.poll() is not None:
-            pytest.fail("the run ended before it could be killed")
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run / "summary.json").exists(), "the run finished before the kill; make it longer"
-    res = _mixlab("train", "--resume", str(run))
+    kill_at_checkpoint([str(cfg), "--name", "killed"], run, lambda step: step >= 9 and step % 8)  # mid-epoch 2
+    res = mixlab("train", "--resume", str(run))
     assert res.returncode == 0, res.stderr
     assert "resumed from" in res.stdout
     a, _ = load_weights(tmp_path / "ref" / "checkpoints" / "ckpt-00000016.safetensors")

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from PIL import Image
+
+from helpers import kill_at_checkpoint, mixlab
 
 from mixlab.config import build_config
 from mixlab.engine.trainer import train
@@ -45,11 +45,6 @@ def write_config(tmp_path, name="cfg.yaml", **sections) -> Path:
     p = tmp_path / name
     p.write_text(yaml.safe_dump(tiny(tmp_path, **sections)))
     return p
-
-
-def mixlab(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "mixlab", *args], capture_output=True, text=True, timeout=600,
-                          env=env, **kw)
 
 
 def test_run_directory_has_everything(tmp_path):
@@ -84,14 +79,6 @@ def test_it_learns(tmp_path):
     assert summary["top1"] > 85, summary  # chance is 10%
 
 
-def _latest_step(run: Path) -> int | None:
-    p = run / "checkpoints" / "latest.json"
-    try:
-        return json.loads(p.read_text())["step"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return None
-
-
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     # 44 steps an epoch, a checkpoint every 5 steps (mid-epoch), 4 epochs
     cfg = write_config(tmp_path, train={"epochs": 4, "batch_size": 32}, checkpoint={"every_steps": 5, "keep_last": 3},
@@ -100,20 +87,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     ref = mixlab("train", str(cfg), "--name", "ref")
     assert ref.returncode == 0, ref.stderr
 
-    proc = subprocess.Popen([sys.executable, "-m", "mixlab", "train", str(cfg), "--name", "killed"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / "killed"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        step = _latest_step(run)
-        if step is not None and step >= 20 and step % 44:  # a mid-epoch checkpoint of epoch 1
-            break
-        if proc.poll() is not None:
-            pytest.fail("the run ended before it could be killed")
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run / "summary.json").exists(), "the run finished before the kill; make it longer"
+    kill_at_checkpoint([str(cfg), "--name", "killed"], run, lambda step: step >= 20 and step % 44)  # mid-epoch 1
 
     res = mixlab("train", "--resume", str(run))
     assert res.returncode == 0, res.stderr

@@ -23,7 +23,7 @@ from mixlab.engine.distributed import DistInfo
 from mixlab.engine.tasks.distill import DistillationTask, distillation_loss
 from mixlab.engine.trainer import train
 from mixlab.factory import create_model
-from mixlab.runs import evaluate_run
+from mixlab.runs import evaluate_run, load_run_model
 from mixlab.weights import checkpoint_metadata, load_weights, save_weights
 
 LOG = {"progress": "false", "print_every": 0}
@@ -98,6 +98,15 @@ def test_distilled_student_from_a_run_directory(tmp_path, teacher_run):
     assert not any(k.startswith(("teacher", "model.")) for k in weights)
     ev = evaluate_run(tmp_path / "s")
     assert ev["top1"] == s["best_top1"] and "top1_dist" in ev
+    # each head's top-1 is that head's own: recomputed here from the model's heads on the same images
+    task = DistillationTask(build_config(student(tmp_path, teacher, name="s2")))
+    model = load_run_model(tmp_path / "s")[0]
+    hits = torch.zeros(3)
+    for x, y in task.build_data(with_train=False).val_loader:
+        cls, dist = model.forward_heads(model.forward_features(x))
+        hits += torch.tensor([(cls.argmax(1) == y).sum(), (dist.argmax(1) == y).sum(), len(y)])
+    assert ev["top1_cls"] == pytest.approx(100 * hits[0].item() / hits[2].item())
+    assert ev["top1_dist"] == pytest.approx(100 * hits[1].item() / hits[2].item())
 
 
 def test_student_without_token_distils_from_a_weights_file_soft(tmp_path, teacher_run):

@@ -76,23 +76,33 @@ class ClassificationTask(Task):
                 logits = logits[0]
         return self.loss_fn(logits, targets), x.shape[0]
 
+    def eval_logits(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The logits that :meth:`evaluate` scores for a batch (the model's output), and further named logits
+        whose top-1 it reports beside them (none here; the distillation task's heads)."""
+        return model(x), {}
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader) -> dict:
-        """Top-1 / top-5 accuracy (%) and mean cross-entropy over the loader (all ranks)."""
+        """Top-1 / top-5 accuracy (%) and mean cross-entropy over the loader (all ranks), and the top-1 (%) of
+        each further logits of :meth:`eval_logits`, in one pass."""
         device, dinfo = self.device, self.dinfo
         model.eval()
-        sums = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss sum, count
+        sums, names = None, []  # correct1, correct5, loss sum, count, then the further logits' correct1
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with self.autocast():
-                logits = model(x)
+                logits, more = self.eval_logits(model, x)
             c1, c5 = topk_correct(logits, y)
             loss = nn.functional.cross_entropy(logits.float(), y, reduction="sum")
-            sums += torch.tensor([c1, c5, float(loss), len(y)], dtype=torch.float64)
+            row = [c1, c5, float(loss), len(y)] + [topk_correct(v, y, ks=(1,))[0] for v in more.values()]
+            sums = torch.tensor(row, dtype=torch.float64) + (0 if sums is None else sums)
+            names = list(more)
+        if sums is None:
+            sums = torch.zeros(4, dtype=torch.float64)
         sums = all_reduce_sum(sums.to(device), dinfo).cpu() if dinfo.enabled else sums
         n = max(sums[3].item(), 1)
         return {"top1": 100 * sums[0].item() / n, "top5": 100 * sums[1].item() / n, "loss": sums[2].item() / n,
-                "images": int(sums[3].item())}
+                "images": int(sums[3].item()), **{k: 100 * sums[4 + i].item() / n for i, k in enumerate(names)}}
 
     def epoch_fields(self, metrics: dict, ema: bool = False) -> dict:
         if ema:

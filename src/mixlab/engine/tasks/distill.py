@@ -26,8 +26,6 @@ from ...data.transforms import is_deterministic
 from ...factory import check_model_name, create_model
 from ...weights import check_compatible, load_metadata, load_weights, metadata_config, read_checkpoint
 from ..checkpoint import run_weights
-from ..distributed import all_reduce_sum
-from ..metrics import topk_correct
 from .base import get_task, register_task
 from .classification import ClassificationTask
 
@@ -310,23 +308,13 @@ class DistillationTask(ClassificationTask):
         return loss, x.shape[0]
 
     # -- evaluation and reports -----------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader) -> dict:
-        """The classification metrics of the student's own output and, for a student with a distillation
-        head, the top-1 (%) of its class head (``top1_cls``) and distillation head (``top1_dist``) alone."""
-        metrics = super().evaluate(model, loader)
+    def eval_logits(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The student's own output and, for a student with a distillation head, each head alone (``top1_cls``,
+        ``top1_dist`` in the metrics): one forward pass, the output being the heads' average (DeiT's inference)."""
         if not getattr(model, "distilled", False):
-            return metrics
-        sums = torch.zeros(3, dtype=torch.float64)  # class head correct, distillation head correct, count
-        for x, y in loader:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.autocast():
-                cls_logits, dist_logits = model.forward_heads(model.forward_features(x))
-            sums += torch.tensor([topk_correct(cls_logits, y, ks=(1,))[0], topk_correct(dist_logits, y, ks=(1,))[0],
-                                  len(y)], dtype=torch.float64)
-        sums = all_reduce_sum(sums.to(self.device), self.dinfo).cpu() if self.dinfo.enabled else sums
-        n = max(sums[2].item(), 1)
-        return {**metrics, "top1_cls": 100 * sums[0].item() / n, "top1_dist": 100 * sums[1].item() / n}
+            return super().eval_logits(model, x)
+        cls_logits, dist_logits = model.forward_heads(model.forward_features(x))
+        return (cls_logits + dist_logits) / 2, {"top1_cls": cls_logits, "top1_dist": dist_logits}
 
     def epoch_fields(self, metrics: dict, ema: bool = False) -> dict:
         fields = super().epoch_fields(metrics, ema)

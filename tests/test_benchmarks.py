@@ -152,3 +152,27 @@ def test_distill_cache_benchmark_runs(tmp_path):
                                 "--warmup", "0", tmp_path=tmp_path)
     assert set(result["img_s"]) == {"uncached", "cached"} and len(result["ratios"]) == 2
     assert result["cache_images"] == 64 and "| nano_resnet |" in stdout
+
+
+def test_compare_arenas_reads_each_arms_runs_and_tests_them_against_the_first(tmp_path):
+    import compare_arenas
+    from scipy import stats
+
+    arms = {"scratch": [79.0, 79.9, 79.4], "hard": [79.2, 79.4, 80.6], "soft": [80.0, 80.5]}
+    for label, top1 in arms.items():
+        for seed, t in enumerate(top1):
+            run = tmp_path / label / "runs" / "vit" / f"seed{seed}"
+            run.mkdir(parents=True)
+            summary = {"top1": t, **({"top1_cls": t - 1, "top1_dist": t + 1} if label != "scratch" else {})}
+            (run / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "soft" / "runs" / "vit" / "seed2").mkdir()  # a run not finished: left out, and said so
+    out = compare_arenas.table([(k, tmp_path / k) for k in arms], "vit")
+    lines = out.splitlines()
+    assert lines[0].startswith("| arm | seed 0 | seed 1 | seed 2 | top-1 % | vs scratch | p (Welch) | class head %")
+    hard = lines[3].split(" | ")
+    assert hard[0] == "| hard" and hard[4] == "79.73 ± 0.76" and hard[5] == "+0.30"
+    assert hard[6] == f"{stats.ttest_ind(arms['hard'], arms['scratch'], equal_var=False).pvalue:.3f}"
+    assert hard[7] == "78.73 ± 0.76" and lines[4].split(" | ")[3] == "—"  # soft has two seeds
+    assert "soft: 1 run(s) not finished, left out" in out
+    with pytest.raises(SystemExit, match="no runs of 'deit'"):
+        compare_arenas.table([("scratch", tmp_path / "scratch")], "deit")

@@ -146,7 +146,8 @@ def test_distill_cache_benchmark_runs(tmp_path):
     teacher = tmp_path / "teacher.safetensors"
     save_weights(create_model("convnext_tiny", num_classes=10, in_chans=1, img_size=8, **kwargs).state_dict(), teacher,
                  checkpoint_metadata("convnext_tiny", num_classes=10, in_chans=1, img_size=8, mean=[0.5], std=[0.5],
-                                     model_kwargs=kwargs, classes=[str(i) for i in range(10)]))
+                                     crop_pct=1.0, interpolation="bicubic", model_kwargs=kwargs,
+                                     classes=[str(i) for i in range(10)]))
     stdout, result = run_script("distill_cache.py", "--teacher", str(teacher), "--data", "digits", "--student",
                                 "nano_resnet", "--limit-train", "64", "--batch", "16", "--repeats", "2", "--iters", "2",
                                 "--warmup", "0", tmp_path=tmp_path)

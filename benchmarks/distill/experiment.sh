@@ -5,7 +5,8 @@
 #      token trained from scratch; then the same student distilled from nano_resnet seed 0, hard and soft;
 #   2. digits (the arena's 5 epochs, 3 seeds): each model from scratch, fine-tuned from its Fashion-MNIST
 #      run (seed 0) and linearly probed from it;
-# then the tables (benchmarks/compare_arenas.py). About 3 hours on 2 CPU cores (--jobs 2).
+# then the tables (benchmarks/compare_arenas.py). About an hour and a half on 2 CPU cores (--jobs 2: two runs
+# side by side, one thread each), by the wall times of the README's runs.
 # Usage: bash benchmarks/distill/experiment.sh [OUT_DIR (default arena/distill)]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)

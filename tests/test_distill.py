@@ -173,6 +173,15 @@ def test_bad_teachers_are_refused_before_anything_is_written(tmp_path, teacher_r
         assert not (tmp_path / f"bad{i}").exists()
     with pytest.raises(ConfigError, match="distill.teacher is set but task is 'classification'"):
         build_config({"model": DEIT, "data": DATA, "distill": {"teacher": str(teacher)}})
+    # the arena checks the teacher once, before its directory or any run exists
+    from mixlab.arena import ArenaSettings, run_arena
+    arena = tmp_path / "arena"
+    settings = ArenaSettings(models=["nano_resnet", "nano_vit"], data="digits", epochs=1, seeds=2, out=str(arena),
+                             overrides=["task=distill", f"distill.teacher={_other_class_count_file(tmp_path)}"],
+                             measure_speed=False)
+    with pytest.raises(ConfigError, match="classifies 5 classes, digits has 10"):
+        run_arena(settings, quiet=True)
+    assert not arena.exists()
     with pytest.raises(ConfigError, match="cannot be cached"):
         train(build_config(student(tmp_path, teacher, name="c", aug={"hflip": 0.5}, distill={"cache": True})))
 

@@ -148,6 +148,14 @@ def check_pretrained(base: Config, models: list[str]) -> None:
                 info.img_size)
 
 
+def check_teacher(base: Config, models: list[str]) -> None:
+    """An arena of distillation runs: the teacher is loaded and checked against the data once here, so that a
+    teacher that cannot be loaded or does not fit is refused before anything trains, not once per run."""
+    from ..engine.tasks import build_task
+    task = build_task(run_config(base, models[0], 0))
+    task.teacher_for(task.data_info())
+
+
 def arena_dir(s: ArenaSettings, base: Config) -> Path:
     if s.out:
         return Path(s.out)
@@ -391,6 +399,8 @@ def run_arena(s: ArenaSettings, quiet: bool = False) -> dict:
             _native_size(base)
         if base.model.pretrained is not None:
             check_pretrained(base, s.models)
+        if base.task == "distill":
+            check_teacher(base, s.models)
     out = arena_dir(s, base)
     out.mkdir(parents=True, exist_ok=True)
     try:

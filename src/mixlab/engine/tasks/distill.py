@@ -226,9 +226,8 @@ class DistillationTask(ClassificationTask):
         if self.train_dataset is None:  # rebuilding a trained student (mixlab.runs): no teacher
             return model
         dc, info = self.cfg.distill, self.info
-        with torch.random.fork_rng(devices=[]):  # building the teacher draws no numbers from the run's streams
-            src = load_teacher(dc.teacher, dc.teacher_weights, info.in_chans)
-        self.teacher = self._fit_teacher(src, info).to(self.device).eval().requires_grad_(False)
+        teacher, src = self.teacher_for(info)
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.teacher_description = src.description
         self.teacher_top1 = ClassificationTask.evaluate(self, self.teacher, self.val_loader)["top1"]
         if self.dinfo.is_main:
@@ -240,6 +239,15 @@ class DistillationTask(ClassificationTask):
                   f"validation images; {dc.type}, alpha {dc.alpha}, tau {dc.tau}, teacher logits "
                   f"{'cached per image' if self.use_cache else 'computed every batch'}{unknown}", flush=True)
         return model
+
+    def teacher_for(self, info) -> tuple[nn.Module, TeacherSource]:
+        """The configuration's teacher (``distill.teacher``), checked against the data ``info`` and behind
+        :class:`TeacherInput` (a ConfigError when it cannot be loaded or does not fit), and its source. The arena
+        calls it once before any run trains."""
+        dc = self.cfg.distill
+        with torch.random.fork_rng(devices=[]):  # building the teacher draws no numbers from the run's streams
+            src = load_teacher(dc.teacher, dc.teacher_weights, info.in_chans)
+        return self._fit_teacher(src, info), src
 
     def _fit_teacher(self, src: TeacherSource, info) -> nn.Module:
         """``src``'s model behind :class:`TeacherInput` for the student's data; a teacher of another class

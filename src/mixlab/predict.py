@@ -203,9 +203,9 @@ def _read(path: Path, channels: int) -> torch.Tensor:
 def predict(predictor: Predictor, images: Sequence[Path], batch_size: int = 32, top_k: int = 5,
             device: str | torch.device = "cpu", strict: bool = False, progress: bool = False
             ) -> Iterator[Prediction | Skipped]:
-    """The predictions of ``images``, in their order: a :class:`Prediction` for each image read, a
-    :class:`Skipped` for each file Pillow cannot read (with ``strict``, a ConfigError at the first
-    instead). Images are prepared with ``predictor.preprocessing`` and run ``batch_size`` at a time on
+    """The predictions of ``images``: a :class:`Prediction` for each image read, in the order of
+    ``images``, and a :class:`Skipped` for each file Pillow cannot read, as soon as it fails (before the
+    predictions of a batch still being filled; with ``strict``, a ConfigError at the first instead). Images are prepared with ``predictor.preprocessing`` and run ``batch_size`` at a time on
     ``device``; ``top_k`` is capped by the number of classes; ``progress`` shows a bar on stderr."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")

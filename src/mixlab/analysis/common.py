@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .complexity import forward_hooks
+
 
 def load_model(name: str | None, checkpoint: str | None = None, **kwargs) -> tuple[nn.Module, str, dict]:
     """A model for analysis, in eval mode on the CPU: ``(model, label, data)``.
@@ -94,13 +96,8 @@ def first_calls(model: nn.Module, x: torch.Tensor, modules) -> dict[str, tuple[n
             seen.setdefault(key, (mod, args[0].detach().clone(), out.detach().clone()))
         return hook
 
-    hooks = [m.register_forward_hook(keep(n)) for n, m in modules]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    with forward_hooks((m, keep(n)) for n, m in modules), torch.no_grad():
+        model(x)
     return seen
 
 

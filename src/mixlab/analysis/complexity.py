@@ -28,6 +28,7 @@ the FFT ops).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -131,6 +132,18 @@ EXTRA_FLOP_FORMULAS = {
 }
 
 
+@contextlib.contextmanager
+def forward_hooks(hooks):
+    """Register the forward hook of each ``(module, hook)`` pair for the duration of the block, and remove
+    them all when it ends, however it ends."""
+    handles = [m.register_forward_hook(h) for m, h in hooks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes of the outputs of every leaf module in ``model(x)``: a lower bound of the activations
     a training step keeps for its backward pass. Meant for the ``meta`` device (nothing is allocated)."""
@@ -141,13 +154,9 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
         outputs = output if isinstance(output, (tuple, list)) else (output,)
         total += sum(t.numel() * t.element_size() for t in outputs if isinstance(t, torch.Tensor))
 
-    handles = [m.register_forward_hook(add) for m in model.modules() if not any(True for _ in m.children())]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    with forward_hooks((m, add) for m in leaves), torch.no_grad():
+        model(x)
     return total
 
 
@@ -166,14 +175,9 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str, int]]:
             stated[name] = stated.get(name, 0) + int(module.formula_macs(tuple(args[0].shape)))
         return add
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
-               if callable(getattr(m, "formula_macs", None))]
-    try:
-        with counter, torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    stating = [(m, hook(n)) for n, m in model.named_modules() if callable(getattr(m, "formula_macs", None))]
+    with forward_hooks(stating), counter, torch.no_grad():
+        model(x)
     prefix = type(model).__name__
     per_module = {}
     for key, ops in counter.get_flop_counts().items():

@@ -18,7 +18,7 @@ from mixlab.cli import main
 from mixlab.config import build_config
 from mixlab.engine.trainer import train
 from mixlab.weights import (CheckpointError, check_compatible, checkpoint_metadata, fit_lines, fit_report, load_state,
-                            load_weights, metadata_config)
+                            load_weights, metadata_config, save_weights)
 from mixlab.weights.fit import classifier_prefixes
 
 FIXTURES = Path(__file__).parent / "fixtures" / "run-v0.1.0"
@@ -84,6 +84,26 @@ def test_metadata_of_mixlab_0_1_0_still_reads():
     model = mixlab.create_model(meta["architecture"], pretrained=FIXTURES / "complete" / "checkpoints" /
                                 "ckpt-00000008.safetensors")
     assert model.in_chans == 1 and model.num_classes == 10 and model.pretrained_cfg["mean"] == cfg["mean"]
+
+
+def test_a_checkpoint_is_rebuilt_with_the_model_arguments_it_records(tmp_path):
+    # a run with model.kwargs writes them into every checkpoint; outside the run (predict, eval --data, a
+    # teacher file, convert) create_model builds the model with them, and convert records them again
+    kwargs = {"patch_size": 1, "dims": [8, 16], "depths": [1, 1]}
+    model = mixlab.create_model("convnext_tiny", num_classes=10, in_chans=1, img_size=8, **kwargs)
+    path = tmp_path / "small.safetensors"
+    save_weights(model.state_dict(), path, checkpoint_metadata(
+        "convnext_tiny", num_classes=10, in_chans=1, img_size=8, mean=[0.5], std=[0.5], crop_pct=1.0,
+        interpolation="bicubic", model_kwargs=kwargs))
+    assert metadata_config(load_weights(path)[1])["model_kwargs"] == kwargs
+    rebuilt = mixlab.create_model("convnext_tiny", pretrained=path)
+    assert rebuilt.pretrained_cfg["model_kwargs"] == kwargs
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
+    assert main(["convert", str(path), str(tmp_path / "out.safetensors"), "--model", "convnext_tiny"]) == 0
+    assert metadata_config(load_weights(tmp_path / "out.safetensors")[1])["model_kwargs"] == kwargs
+    # another architecture's arguments are not applied: the weights must fit the model asked for
+    with pytest.raises(ValueError, match="does not fit"):
+        mixlab.create_model("convnext_small", pretrained=path)
 
 
 def test_non_square_images_are_written_as_height_and_width():

@@ -475,7 +475,7 @@ def cmd_convert(args) -> int:
                                    img_size=model.img_size, mean=prep.mean, std=prep.std, crop_pct=prep.crop_pct,
                                    interpolation=prep.interpolation, source=str(args.src),
                                    source_format=cfg.get("source_format", "mixlab"), classes=cfg.get("classes"),
-                                   preprocessing_source=cfg["data_config_source"])
+                                   model_kwargs=cfg.get("model_kwargs"), preprocessing_source=cfg["data_config_source"])
     state_dict = model.state_dict()
     save_weights(state_dict, dst, metadata)  # atomic; creates dst's directory
     params = count_params(model)

@@ -113,7 +113,8 @@ def create_pretrained(name: str, build, pretrained: Any, kwargs: dict, features_
     The keyword arguments the checkpoint requires (:func:`~mixlab.weights.convert.architecture_kwargs`)
     are added. One the caller passed with another value is an error, except ``img_size`` and
     ``window_size``, which the conversion adapts the weights to (an error only if the
-    weights then do not fit). A mixlab-written checkpoint's input size and channels are the
+    weights then do not fit). A mixlab-written checkpoint's input size and channels, and for a
+    checkpoint of this very model the other arguments it records (``model_kwargs``), are the
     defaults; without an explicit ``num_classes`` the model takes the checkpoint's number of
     classes.
 
@@ -144,10 +145,12 @@ def create_pretrained(name: str, build, pretrained: Any, kwargs: dict, features_
                          f"than the keyword arguments ask for: {shown}. Leave {', '.join(fixed)} out, or use a "
                          f"checkpoint made for that architecture")
     from_meta = metadata_config(metadata)
-    defaults: dict = {}
+    # a mixlab checkpoint of this model: built with the other arguments its metadata records
+    own = from_meta.get("model_kwargs", {}) if metadata.get("architecture") == name else {}
+    defaults: dict = dict(own)
     if "input_size" in from_meta:
         c, h, w = from_meta["input_size"]
-        defaults = {"in_chans": c, "img_size": h if h == w else (h, w)}
+        defaults.update(in_chans=c, img_size=h if h == w else (h, w))
     model = build(**{**defaults, **needed, **kwargs})
     model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}), architecture=name)
     if features_only:
@@ -166,6 +169,9 @@ def create_pretrained(name: str, build, pretrained: Any, kwargs: dict, features_
     classes = from_meta.get("classes")
     if classes is not None and len(classes) == getattr(model, "num_classes", None):  # the checkpoint's classifier
         cfg["classes"] = classes
+    applied = {k: v for k, v in own.items() if k not in kwargs and k not in needed}
+    if applied:  # what the checkpoint's metadata built it with (mixlab convert records them again)
+        cfg["model_kwargs"] = applied
     model.pretrained_cfg.update(cfg, source=describe_source(source), source_format=result.format)
     return model
 

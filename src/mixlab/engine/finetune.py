@@ -12,7 +12,6 @@ backbone do not move or act).
 """
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,15 +70,11 @@ def load_source(model: nn.Module, source: str, classes: Sequence[str], model_nam
                   + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "") + ")")
         for k in classifier_keys(state_dict, classifier_prefixes(plain_model(model))):
             state_dict.pop(k)
-    try:
-        asked = json.loads(metadata.get("model_kwargs", "{}"))
-    except ValueError:
-        asked = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             result = load_state(model, state_dict, metadata, describe_source(source), strict=True,
-                                architecture_kwargs=asked if isinstance(asked, dict) else None)
+                                architecture_kwargs=recorded.get("model_kwargs"))
         except ValueError as e:
             raise ConfigError(f"model.pretrained: {e}") from None
     if result.new_classifier and reason is None:

@@ -314,7 +314,8 @@ def _read_hub(source: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def metadata_config(metadata: Mapping[str, str]) -> dict:
     """``mean``, ``std``, ``input_size``, ``num_classes``, ``classes`` (the class names, a list),
-    ``crop_pct`` and ``interpolation`` from a mixlab-written
+    ``crop_pct``, ``interpolation`` and ``model_kwargs`` (the model's other ``create_model`` arguments,
+    when there are any) from a mixlab-written
     checkpoint's metadata (``input_size`` as JSON ``[C, H, W]``, or ``in_chans`` and ``img_size``); a
     key the metadata lacks (earlier versions wrote no ``classes``, ``crop_pct``, ``interpolation``) is
     left out. :meth:`mixlab.data.Preprocessing.from_metadata` builds the data configuration from it."""
@@ -348,6 +349,9 @@ def metadata_config(metadata: Mapping[str, str]) -> dict:
         cfg["crop_pct"] = float(crop)
     if isinstance(metadata.get("interpolation"), str):
         cfg["interpolation"] = metadata["interpolation"]
+    model_kwargs = parse("model_kwargs")
+    if isinstance(model_kwargs, dict) and model_kwargs:
+        cfg["model_kwargs"] = model_kwargs
     return cfg
 
 

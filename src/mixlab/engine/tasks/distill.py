@@ -11,7 +11,6 @@ the "Distillation" section of docs/tasks.md.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from ...config import TEACHER_KINDS, ConfigError, load_run_config
 from ...data import recorded_info
 from ...data.transforms import is_deterministic
 from ...factory import check_model_name, create_model
-from ...weights import check_compatible, load_metadata, load_weights, metadata_config, read_checkpoint
+from ...weights import check_compatible, load_metadata, load_weights, read_checkpoint
 from ..checkpoint import run_weights
 from .base import get_task, register_task
 from .classification import ClassificationTask
@@ -105,11 +104,7 @@ def _file_teacher(path: Path) -> TeacherSource:
     if not arch:
         raise ConfigError(f"distill.teacher: {path} has no mixlab metadata naming its model; give the model's name as "
                           f"distill.teacher and this file as distill.teacher_weights")
-    kwargs = json.loads(meta.get("model_kwargs") or "{}")
-    model = _checked(lambda: create_model(arch, pretrained=str(path), **kwargs), str(path))
-    recorded = metadata_config(meta)
-    return TeacherSource(model.eval(), f"{path} ({arch})", recorded.get("mean"), recorded.get("std"),
-                         recorded.get("input_size"), recorded.get("classes"))
+    return _built_teacher(_checked(lambda: create_model(arch, pretrained=str(path)), str(path)), f"{path} ({arch})")
 
 
 def _named_teacher(name: str, weights: str, in_chans: int) -> TeacherSource:
@@ -117,14 +112,20 @@ def _named_teacher(name: str, weights: str, in_chans: int) -> TeacherSource:
     input channels (the student's: weights for others do not load)."""
     model = _checked(lambda: create_model(name, pretrained=weights, in_chans=in_chans),
                      f"{name} with the weights {weights}")
+    return _built_teacher(model, f"{name} ({weights})")
+
+
+def _built_teacher(model: nn.Module, description: str) -> TeacherSource:
+    """A teacher ``create_model(..., pretrained=...)`` built: what its weights record of their inputs and classes
+    (``pretrained_cfg``, :func:`mixlab.factory.create_pretrained`), its input size the model's own."""
     pc = getattr(model, "pretrained_cfg", {}) or {}
     size = pc.get("input_size")
     if size is None and getattr(model, "img_size", None) is not None:
         h, w = (model.img_size, model.img_size) if isinstance(model.img_size, int) else tuple(model.img_size)
         size = (model.in_chans, h, w)
     mean, std = pc.get("mean"), pc.get("std")
-    return TeacherSource(model.eval(), f"{name} ({weights})", tuple(mean) if mean else None,
-                         tuple(std) if std else None, tuple(size) if size else None, pc.get("classes"))
+    return TeacherSource(model.eval(), description, tuple(mean) if mean else None, tuple(std) if std else None,
+                         tuple(size) if size else None, pc.get("classes"))
 
 
 def load_teacher(teacher: str, teacher_weights: str | None, in_chans: int) -> TeacherSource:

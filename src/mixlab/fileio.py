@@ -20,6 +20,7 @@ import re
 import shlex
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -122,6 +123,22 @@ def _command_line() -> str:
     return shlex.join(argv)
 
 
+#: how long a refused DirectoryLock waits for the holder to write its pid and command (it writes them right
+#: after it takes the lock: a refusal in between would read an empty file)
+HOLDER_WAIT_S = 1.0
+
+
+def _holder(fd: int) -> str:
+    """The lock file's content (the holder's "pid command"), read again until it is there or
+    :data:`HOLDER_WAIT_S` has passed."""
+    deadline = time.monotonic() + HOLDER_WAIT_S
+    while True:
+        text = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+        if text.strip() or time.monotonic() >= deadline:
+            return text
+        time.sleep(0.01)
+
+
 class DirectoryLock:
     """Hold ``directory`` (created if needed) for this process: an exclusive, non-blocking
     ``fcntl.flock`` on ``<directory>/.lock``, which holds the holder's pid and command while it is
@@ -141,7 +158,7 @@ class DirectoryLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.read(fd, 4096).decode("utf-8", "replace")
+                holder = _holder(fd)
                 os.close(fd)
                 pid, _, command = holder.strip().partition(" ")
                 raise DirectoryBusy(self.directory, int(pid) if pid.isdigit() else None, command.strip()) from None

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from mixlab.config import ConfigError, build_config, load_run_config
 from mixlab.data import ResumableSampler, SeededDataset, build_datasets, build_transforms
 from mixlab.engine.distributed import all_reduce_sum
-from mixlab.engine.tasks import TASKS, ClassificationTask, Task, TaskData, register_task
+from mixlab.engine.tasks import TASKS, ClassificationTask, Metric, Task, TaskData, register_task
 from mixlab.engine.trainer import train
 from mixlab.cli import main
 from mixlab.runs import evaluate_run
@@ -42,8 +42,7 @@ class MeanPixel(Task):
     """A toy regression: the model's single output learns the mean pixel of its input image."""
 
     name = "test_mean_pixel"
-    best_metric = "val_mse"
-    best_mode = "min"
+    metric = Metric("val_mse", "validation MSE", "min", "", ".4f")
     interrupt_after: int | None = None  # micro-batches before a simulated kill
     seen = 0
 

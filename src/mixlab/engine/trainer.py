@@ -161,7 +161,7 @@ class Trainer:
         self.cfg, self.tc, self.resume = cfg, cfg.train, resume
         self.task = build_task(cfg, dinfo)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
-                                      keep_best=cfg.checkpoint.keep_best, mode=self.task.best_mode)
+                                      keep_best=cfg.checkpoint.keep_best, mode=self.task.metric.mode)
         torch.manual_seed(self.tc.seed)
         if self.tc.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -364,7 +364,7 @@ class Trainer:
         while self.epoch < tc.epochs:
             self._train_epoch()
             row = self._end_epoch()
-            self._save(self.epoch, 0, metric=row.get(self.task.best_metric))
+            self._save(self.epoch, 0, metric=row.get(self.task.metric.key))
         return self._finish()
 
     def _train_epoch(self) -> None:
@@ -498,10 +498,10 @@ class Trainer:
         task, info, device, dinfo = self.task, self.info, self.device, self.dinfo
         if not self.last_eval:  # resumed a finished run whose summary was lost
             self.last_eval = task.evaluate(self.raw_model, self.val_loader)
-        key = task.best_metric
+        key = task.metric.key
         best = None
         if self.metrics is not None:
-            pick = max if task.best_mode == "max" else min
+            pick = max if task.metric.mode == "max" else min
             best = pick((r[key] for r in self.metrics.rows if key in r),
                         default=task.epoch_fields(self.last_eval)[key])
         summary = {"task": task.name, "model": self.cfg.model.name, "data": info.name, "img_size": info.img_size,

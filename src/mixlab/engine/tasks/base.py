@@ -25,6 +25,37 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class Metric:
+    """What a task is judged by: the key of its metrics rows and of ``summary.json`` (``best_<key>`` there too)
+    that picks ``best.safetensors`` and ranks the arena, how people call it, whether higher or lower is
+    better, its unit and how to print it."""
+
+    #: the key in the per-epoch metrics rows and in summary.json
+    key: str
+    #: what a table's column and a log line call it ("top-1", "reconstruction loss")
+    label: str
+    #: "max" (higher is better) or "min"
+    mode: str = "max"
+    #: "%" or "" (a plain number)
+    unit: str = ""
+    #: the format of one value (``format(value, fmt)``)
+    fmt: str = ".2f"
+
+    def __post_init__(self):
+        if self.mode not in ("max", "min"):
+            raise ValueError(f"Metric {self.key!r}: mode must be 'max' or 'min', got {self.mode!r}")
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether ``a`` is strictly better than ``b``."""
+        return a > b if self.mode == "max" else a < b
+
+    def format(self, value: float | None, with_unit: bool = True) -> str:
+        if value is None:
+            return "—"
+        return format(value, self.fmt) + (self.unit if with_unit else "")
+
+
 @dataclass
 class TaskData:
     """A task's data. ``info`` (a :class:`mixlab.data.DatasetInfo`) describes what the model is
@@ -42,6 +73,11 @@ class Task:
     """One kind of training. Subclasses set ``name``, ``best_metric`` and ``best_mode`` and
     implement the methods that raise NotImplementedError; the others have defaults.
 
+    The task's :attr:`metric` picks the best checkpoint and ranks the arena. A task whose ``setup`` returns a
+    module holding the model (a decoder beside it) says where the model sits in that module's weights with
+    :attr:`backbone_prefix` (``"encoder."``): the optimizer's parameter groups, the checkpoint metadata and
+    fine-tuning from the run read it.
+
     A task is built from the run's configuration and process (``Task(cfg, dinfo)``); the loop then
     calls ``build_data``, ``model_kwargs`` (for ``create_model``), ``setup`` once, ``loss`` for
     every micro-batch, ``evaluate`` at evaluation epochs (on the model and on its EMA), and the
@@ -50,10 +86,12 @@ class Task:
 
     #: the ``task:`` value of a configuration
     name: ClassVar[str] = ""
-    #: the key of the per-epoch metrics row (see :meth:`epoch_fields`) that picks ``best.safetensors``
-    best_metric: ClassVar[str] = ""
-    #: "max" (higher is better) or "min"
-    best_mode: ClassVar[str] = "max"
+    #: the metric that picks ``best.safetensors`` and ranks the arena: its key is a field of the per-epoch
+    #: metrics rows (see :meth:`epoch_fields`) and of summary.json (see :meth:`summary_fields`)
+    metric: ClassVar[Metric | None] = None
+    #: where the model (the backbone ``create_model`` built) sits in the state dict of the module ``setup``
+    #: returns: "" when ``setup`` returns the model itself, "encoder." for a module holding it as ``encoder``
+    backbone_prefix: ClassVar[str] = ""
     #: whether the trained model outputs class scores (what ``eval``, the arena and the analysis commands read)
     class_scores: ClassVar[bool] = False
 
@@ -90,6 +128,13 @@ class Task:
         task's trainable extra modules (a masked-image-modeling decoder). Frozen helpers (a
         distillation teacher) are built here and kept by the task."""
         return model
+
+    def synthetic_batch(self, n: int, info) -> Any:
+        """A batch of ``n`` random samples shaped as the training loader gives them (on the CPU), for
+        timing a training step without data (the arena's speed probe): images and class labels here."""
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, info.in_chans, info.img_size, info.img_size, generator=g)
+        return x, torch.randint(0, max(info.num_classes, 1), (n,), generator=g)
 
     # -- training ---------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch, seed: int) -> tuple[torch.Tensor, int]:
@@ -129,8 +174,11 @@ def register_task(cls: type[Task]) -> type[Task]:
     """Class decorator: make ``cls`` the task named ``cls.name``."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
-    if cls.best_mode not in ("max", "min"):
-        raise ValueError(f"{cls.__name__}.best_mode must be 'max' or 'min', got {cls.best_mode!r}")
+    if not isinstance(cls.metric, Metric):
+        raise ValueError(f"{cls.__name__}.metric must be a Metric (the key that picks the best checkpoint and "
+                         f"ranks the arena), got {cls.metric!r}")
+    if cls.backbone_prefix and not cls.backbone_prefix.endswith("."):
+        raise ValueError(f"{cls.__name__}.backbone_prefix must be '' or end with '.', got {cls.backbone_prefix!r}")
     if TASKS.get(cls.name, cls) is not cls:
         raise ValueError(f"a task named {cls.name!r} is already registered ({TASKS[cls.name].__name__})")
     TASKS[cls.name] = cls

@@ -10,7 +10,7 @@ from ...config import ConfigError
 from ...data import MixupCutmix, ResumableSampler, SeededDataset, build_datasets, build_transforms
 from ..distributed import all_reduce_sum
 from ..metrics import binary_cross_entropy, soft_cross_entropy, topk_correct
-from .base import Task, TaskData, register_task
+from .base import Metric, Task, TaskData, register_task
 
 
 @register_task
@@ -18,8 +18,7 @@ class ClassificationTask(Task):
     """Learn the dataset's labels; the best checkpoint has the highest validation top-1."""
 
     name = "classification"
-    best_metric = "top1"
-    best_mode = "max"
+    metric = Metric("top1", "top-1", "max", "%", ".2f")
     class_scores = True
 
     def __init__(self, cfg, dinfo=None):

@@ -183,6 +183,30 @@ class DistillConfig:
 
 
 @dataclass
+class MimConfig:
+    """Masked image modeling (``task: mim``): SimMIM ("SimMIM: A Simple Framework for Masked Image Modeling")
+    or MAE ("Masked Autoencoders Are Scalable Vision Learners"). See docs/mim.md."""
+    #: simmim (any model with a patch stem) | mae (plain ViTs and one-stage attention specifications)
+    method: str = "simmim"
+    #: the share of patches hidden, in (0, 1); None: the method's own (SimMIM 0.6, MAE 0.75)
+    mask_ratio: float | None = None
+    #: SimMIM: the side of a mask patch in pixels (a multiple of the model's patch dividing the image); None:
+    #: SimMIM's 32 where it fits, else the valid size giving a grid nearest SimMIM's 6-7 patches a side
+    mask_patch: int | None = None
+    #: MAE: the decoder's width, depth and heads (the paper's 512, 8, 16)
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    #: MAE: predict per-patch normalised pixels (the paper's best setting)
+    norm_pix_loss: bool = False
+    #: write a picture of original / masked / reconstructed validation images every N epochs (and at the
+    #: last); 0: never
+    picture_every: int = 1
+    #: how many validation images the picture shows
+    picture_images: int = 8
+
+
+@dataclass
 class Config:
     #: what the model learns: a task of mixlab.engine.tasks (checked against them when a run starts);
     #: a run's config.yaml without this key (mixlab 0.1.0) is classification
@@ -197,6 +221,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    mim: MimConfig = field(default_factory=MimConfig)
     #: the recipe this configuration started from (informational once resolved)
     recipe: str | None = None
     #: runs are written to output_dir/name
@@ -355,6 +380,7 @@ def validate(cfg: Config) -> None:
         "model.freeze": (cfg.model.freeze, ("none", "backbone")),
         "distill.type": (cfg.distill.type, ("hard", "soft")),
         "distill.cache": (str(cfg.distill.cache).lower(), ("auto", "true", "false")),
+        "mim.method": (cfg.mim.method, ("simmim", "mae")),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:
@@ -399,6 +425,7 @@ def validate(cfg: Config) -> None:
         if v is not None and v < 1:
             raise ConfigError(f"{key} must be at least 1 or unset (null), got {v}")
     _validate_distill(cfg)
+    _validate_mim(cfg)
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be 0 (load in the main process) or more, got {cfg.data.num_workers}")
     if cfg.model.pretrained is not None and not cfg.model.pretrained.strip():
@@ -438,6 +465,23 @@ def _validate_distill(cfg: Config) -> None:
         raise ConfigError(f"distill.tau is a temperature and must be positive, got {dc.tau}")
 
 
+def _validate_mim(cfg: Config) -> None:
+    m = cfg.mim
+    if m.mask_ratio is not None and not 0.0 < m.mask_ratio < 1.0:
+        raise ConfigError(f"mim.mask_ratio is the share of patches hidden and must lie strictly between 0 and 1, "
+                          f"got {m.mask_ratio} (SimMIM uses 0.6, MAE 0.75)")
+    if m.mask_patch is not None and m.mask_patch < 1:
+        raise ConfigError(f"mim.mask_patch must be a number of pixels (a multiple of the model's patch), got "
+                          f"{m.mask_patch}")
+    for key in ("decoder_dim", "decoder_depth", "decoder_heads", "picture_images"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"mim.{key} must be at least 1, got {getattr(m, key)}")
+    if m.picture_every < 0:
+        raise ConfigError(f"mim.picture_every must be 0 (no pictures) or a number of epochs, got {m.picture_every}")
+    if cfg.task == "mim" and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0):
+        raise ConfigError("task mim learns without labels: aug.mixup and aug.cutmix mix labels; set them to 0")
+
+
 def config_from_dict(d: dict) -> Config:
     """Rebuild a resolved configuration (a run's config.yaml) exactly, without re-applying the recipe."""
     cfg = Config()
@@ -475,6 +519,7 @@ RESUME_SAFE = (
     "train.amp", "train.device", "train.compile", "train.deterministic", "train.eval_every",
     "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.keep_best",
     "log.",
+    "mim.picture_every", "mim.picture_images",
 )
 #: Where a run is and where its configuration came from: a difference is not a change (a resumed
 #: run keeps its own), so ``train(cfg, run_dir=other, resume=True)`` may name another run.
@@ -495,6 +540,7 @@ RESUME_REFUSED = {
     "train.": "it changes what the run's checkpoints mean",
     "ema.": "the EMA weights in the checkpoints were averaged with it",
     "distill.": "the checkpoints hold a student trained against this teacher and loss",
+    "mim.": "the checkpoints hold an encoder and decoder trained with this method and masking",
 }
 
 

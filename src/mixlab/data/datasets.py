@@ -541,12 +541,42 @@ def _load_imagefolder(root: str | None, strict: bool, limit_train: int | None, l
     return kept, skipped, classes
 
 
+def _load_unlabelled_folder(root: str | None, strict: bool, limit_train: int | None, limit_val: int | None,
+                            seed: int):
+    """The images under root/train/ and root/val/ (at any depth: class folders are allowed and ignored), for
+    tasks that learn without labels; every label is 0 and there are no classes."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    if root is None:
+        raise DataError("the imagefolder dataset needs root= (`--data-root DIR`): a folder with train/ and val/ "
+                        "subfolders of images (without labels, class folders are not needed)")
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(f"image folder root {base} does not exist or is not a folder")
+    kept: dict[str, list[tuple[str, int]]] = {}
+    skipped: dict[str, int] = {}
+    for split in ("train", "val"):
+        folder = base / split
+        if not folder.is_dir():
+            raise DataError(f"{folder} is missing: an image folder root needs train/ and val/ subfolders of images")
+        samples = [(str(f), 0) for f in sorted(folder.rglob("*"))
+                   if f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS)]
+        if not samples:
+            raise DataError(f"{folder} holds no images (files ending in {', '.join(IMG_EXTENSIONS)}); put the "
+                            f"training images in {base / 'train'} and the validation images in {base / 'val'}")
+        limit = limit_train if split == "train" else limit_val
+        kept[split], skipped[split] = _scan_split(samples, limit, seed, strict, folder, [])
+        if not kept[split]:
+            raise DataError(f"{folder} holds no readable image (all {len(samples)} were skipped as unreadable)")
+    return kept, skipped, []
+
+
 # --------------------------------------------------------------------------- entry point
 
 def build_datasets(name: str, root: str | None = None, img_size: int | None = None, download: bool = False,
                    strict: bool = False, limit_train: int | None = None, limit_val: int | None = None,
                    train_transform: Callable | None = None, val_transform: Callable | None = None,
-                   seed: int = 0) -> tuple[Dataset, Dataset, DatasetInfo]:
+                   seed: int = 0, labelled: bool = True) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Build the train and validation datasets of ``name`` and describe them.
 
     Args:
@@ -569,6 +599,9 @@ def build_datasets(name: str, root: str | None = None, img_size: int | None = No
             them ``None`` to get raw ``uint8`` images and wrap the datasets in
             :class:`~mixlab.data.samplers.SeededDataset` for reproducible augmentation.
         seed: the seed of the ``limit_*`` shuffles.
+        labelled: False for tasks that learn without labels (masked image modeling): an image folder's
+            ``train/`` and ``val/`` may then hold images at any depth, without class folders (every label
+            is 0, ``info.classes`` is empty); the other datasets keep their labels, unused.
 
     Returns:
         ``(train, val, info)``; items are ``(image, label)``.
@@ -583,7 +616,8 @@ def build_datasets(name: str, root: str | None = None, img_size: int | None = No
     _check_limit(limit_val, "limit_val")
 
     if key == "imagefolder":
-        kept, skipped, classes = _load_imagefolder(root, strict, limit_train, limit_val, seed)
+        load = _load_imagefolder if labelled else _load_unlabelled_folder
+        kept, skipped, classes = load(root, strict, limit_train, limit_val, seed)
         train = ImageFileDataset(kept["train"], classes, train_transform)
         val = ImageFileDataset(kept["val"], classes, val_transform)
         info = DatasetInfo(name=key, num_classes=len(classes), in_chans=3,

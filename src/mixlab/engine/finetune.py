@@ -12,6 +12,7 @@ backbone do not move or act).
 """
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch.nn as nn
 from ..config import ConfigError
 from ..weights import describe_source, load_state, metadata_config, read_checkpoint
 from ..weights.fit import classifier_keys, classifier_prefixes, plain_model
-from ..weights.io import HUB_PREFIX
+from ..weights.io import DROPPED_KEY, HUB_PREFIX
 from .checkpoint import run_weights
 
 __all__ = ["load_source", "describe", "freeze_backbone"]
@@ -56,10 +57,13 @@ def load_source(model: nn.Module, source: str, classes: Sequence[str], model_nam
     mis-shaped tensor.
     """
     kind, weights = _weights_of(source)
-    try:
-        state_dict, metadata = read_checkpoint(weights)
-    except ValueError as e:  # CheckpointError, or a Hub id that cannot be fetched
-        raise ConfigError(f"model.pretrained: {e}") from None
+    with warnings.catch_warnings(record=True) as read_notes:
+        warnings.simplefilter("always")
+        try:
+            state_dict, metadata = read_checkpoint(weights)  # a task run's module: its model only (and a note)
+        except ValueError as e:  # CheckpointError, or a Hub id that cannot be fetched
+            raise ConfigError(f"model.pretrained: {e}") from None
+    dropped = json.loads(metadata.get(DROPPED_KEY, "[]"))
     recorded = metadata_config(metadata)
     theirs, ours = recorded.get("classes"), [str(c) for c in classes]
     reason = None
@@ -76,13 +80,18 @@ def load_source(model: nn.Module, source: str, classes: Sequence[str], model_nam
             result = load_state(model, state_dict, metadata, describe_source(source), strict=True,
                                 architecture_kwargs=recorded.get("model_kwargs"))
         except ValueError as e:
+            architecture = metadata.get("architecture")
+            if architecture and architecture != model_name:  # the likely cause, said first
+                raise ConfigError(f"model.pretrained: {source} holds a {architecture} and this run's model is "
+                                  f"{model_name}: its weights do not fit (set model.name / --model to {architecture}, "
+                                  f"or start from weights of {model_name}). {e}") from None
             raise ConfigError(f"model.pretrained: {e}") from None
     if result.new_classifier and reason is None:
         n_source = recorded.get("num_classes") or (len(theirs) if theirs else "another number of")
         reason = (f"the source classifies {n_source} classes, the data has {len(ours)}" if result.dropped
                   else "the source has no classifier")
     architecture = metadata.get("architecture")
-    notes = [str(w.message) for w in caught if "classifier" not in str(w.message)]
+    notes = [str(w.message) for w in [*read_notes, *caught] if "classifier" not in str(w.message)]
     if architecture and architecture != model_name:
         notes.append(f"the source records the architecture {architecture!r}; its tensors fit {model_name!r}")
     size = recorded.get("input_size")
@@ -91,7 +100,8 @@ def load_source(model: nn.Module, source: str, classes: Sequence[str], model_nam
                      f"(data.img_size, --img-size {size[1]} to match)")
     description = {"source": source, "kind": kind, "weights": weights, "format": result.format,
                    "architecture": architecture, "head": "fresh" if result.new_classifier else "kept",
-                   "head_reason": reason, "resized": list(result.resized)}
+                   "head_reason": reason, "resized": list(result.resized), "task": metadata.get("task"),
+                   "dropped": dropped}
     return description, notes
 
 
@@ -102,7 +112,10 @@ def describe(pretrained: dict) -> str:
     head = ("its classifier kept" if pretrained["head"] == "kept"
             else f"a fresh classifier: {pretrained['head_reason']}")
     resized = f"; resampled to this model: {', '.join(pretrained['resized'])}" if pretrained.get("resized") else ""
-    return f"starting from {what} {pretrained['source']}{arch}, {pretrained['format']} layout, {head}{resized}"
+    dropped = (f"; took the {pretrained.get('task') or 'task'} run's backbone and left out "
+               f"{', '.join(pretrained['dropped'])}" if pretrained.get("dropped") else "")
+    return (f"starting from {what} {pretrained['source']}{arch}, {pretrained['format']} layout, {head}{resized}"
+            f"{dropped}")
 
 
 def freeze_backbone(model: nn.Module) -> list[nn.Module]:

@@ -40,9 +40,17 @@ def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
     * ``L + 1``: ``norm``, ``fc_norm``, ``head``, ``head_norm``, ``head_dist``.
 
     Wrappers (DDP, ``torch.compile``) are removed first; the names are those of the plain
-    model. Returns ``(ids, L + 2)``, the second being the number of layer ids.
+    model. A module that holds the model beside task modules (masked image modeling's decoder)
+    says where with a ``backbone_prefix`` attribute (``"encoder."``): the ids are those of the
+    model inside it, and the task's own parameters (decoder, mask token) get the top id ``L + 1``
+    with the head. Returns ``(ids, L + 2)``, the second being the number of layer ids.
     """
     model = unwrap_model(model)
+    prefix = getattr(model, "backbone_prefix", "")
+    if prefix:
+        inner, num_layers = layer_ids(model.get_submodule(prefix.rstrip(".")))
+        return ({n: inner.get(n[len(prefix):], 0) if n.startswith(prefix) else num_layers - 1
+                 for n, _ in model.named_parameters()}, num_layers)
     names = [n for n, _ in model.named_parameters()]
     # the number of blocks per stage (a stage without blocks counts 0)
     stage_blocks: dict[int, int] = {}
@@ -88,8 +96,9 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, layer_decay: 
     """Optimizer parameter groups with weight-decay exclusions and optional layer-wise lr decay.
 
     No weight decay is applied to: parameters with at most one dimension (norm weights,
-    biases, LayerScale gammas, ...), the names returned by ``model.no_weight_decay()`` when
-    the model has that method, and ``no_decay_names`` (a name also covers every parameter
+    biases, LayerScale gammas, ...), the names returned by ``no_weight_decay()`` of the model
+    and of any module inside it that has that method (prefixed with that module's name: a
+    backbone held as ``encoder`` by a task's module keeps its exclusions), and ``no_decay_names`` (a name also covers every parameter
     of the module it names, e.g. ``"stem"``). Frozen parameters (``requires_grad=False``)
     are left out.
 
@@ -107,8 +116,9 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, layer_decay: 
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     model = unwrap_model(model)
     skip = set(no_decay_names)
-    if hasattr(model, "no_weight_decay"):
-        skip |= set(model.no_weight_decay())
+    for prefix, module in model.named_modules():
+        if hasattr(module, "no_weight_decay"):
+            skip |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
     ids, num_layers = layer_ids(model) if layer_decay is not None else ({}, 0)
 
     groups: dict[tuple[int, bool], dict] = {}

@@ -175,7 +175,9 @@ class Trainer:
         extra = {"freeze": cfg.model.freeze}
         if self.pretrained is not None:
             extra["pretrained"] = json.dumps(self.pretrained)
-        self.metadata = checkpoint_metadata(cfg.model.name, num_classes=info.num_classes, in_chans=info.in_chans,
+        if self.backbone_prefix:  # the task's module holds the model: where, and what else it holds
+            extra.update(backbone_prefix=self.backbone_prefix, task_modules=json.dumps(self.task_modules))
+        self.metadata = checkpoint_metadata(cfg.model.name, num_classes=self.num_classes, in_chans=info.in_chans,
                                             img_size=info.img_size, mean=prep.mean, std=prep.std,
                                             crop_pct=prep.crop_pct, interpolation=prep.interpolation,
                                             model_kwargs=cfg.model.kwargs, classes=info.classes, task=cfg.task,
@@ -217,8 +219,14 @@ class Trainer:
                 _log(self.dinfo, "note: model.freeze backbone without model.pretrained trains a classifier on the "
                                  "features of a randomly initialised network (a baseline, not a probe of learned "
                                  "features)")
-        self.params = count_params(model)
+        self.num_classes = model.num_classes  # what the model classifies (0: a task's encoder, no classifier)
+        self.backbone_params = count_params(model)
         model = self.task.setup(model)
+        # a task's module holding the model beside its own (a decoder): where the model is, and what else trains
+        self.backbone_prefix = getattr(model, "backbone_prefix", "")
+        self.task_modules = sorted({n.split(".", 1)[0] for n, _ in model.state_dict().items()
+                                    if not n.startswith(self.backbone_prefix)}) if self.backbone_prefix else []
+        self.params = count_params(model)
         self.trainable = count_params(model, trainable_only=True)
         if self.tc.sync_bn and self.dinfo.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -355,7 +363,10 @@ class Trainer:
         self._open_run_dir()
         cfg, tc, info = self.cfg, self.tc, self.info
         trainable = "all trainable" if self.trainable == self.params else f"{self.trainable:,} trainable"
-        _log(self.dinfo, f"training {cfg.model.name} ({self.params / 1e6:.2f}M params, {trainable}, "
+        inside = (f" inside {type(self.raw_model).__name__} ({self.backbone_params / 1e6:.2f}M in the model, "
+                  f"{(self.params - self.backbone_params) / 1e6:.2f}M in {', '.join(self.task_modules)})"
+                  if self.backbone_prefix else "")
+        _log(self.dinfo, f"training {cfg.model.name}{inside} ({self.params / 1e6:.2f}M params, {trainable}, "
                          f"{self.macs / 1e9:.3f} GMACs "
                          f"at {info.img_size}px) on {info.name} ({info.num_train} train / {info.num_val} val images) "
                          f"for {tc.epochs} epochs, {self.steps_per_epoch} steps each, lr {self.lr:.3g}, global batch "
@@ -457,6 +468,7 @@ class Trainer:
         self.loss_sum, self.loss_n = 0.0, 0
         if self.epoch % tc.eval_every == 0 or self.epoch == tc.epochs:
             row.update(self._evaluate())
+            self.task.epoch_end(self.raw_model, self.epoch, self.run_dir, last=self.epoch == tc.epochs)
         row["wall_s"] = time.time() - self.t_start
         if self.metrics is not None:
             self.metrics.append(row)
@@ -510,7 +522,8 @@ class Trainer:
                    "train_images_per_s": self.images_seen / max(self.train_time, 1e-9), "train_s": self.train_time,
                    "wall_s": time.time() - self.t_start, "peak_memory_mb": _peak_memory_mb(device),
                    "peak_memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
-                   "params": self.params, "trainable_params": self.trainable, "gmacs": self.macs / 1e9,
+                   "params": self.params, "trainable_params": self.trainable, "backbone_params": self.backbone_params,
+                   "gmacs": self.macs / 1e9,
                    "device": str(device),
                    "world_size": dinfo.world_size, "global_batch": self.global_batch, "lr": self.lr,
                    "skipped_images": info.skipped, "mean": list(info.mean), "std": list(info.std),

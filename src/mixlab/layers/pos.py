@@ -62,3 +62,23 @@ class ConditionalPosEnc(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_size, num_prefix_tokens: int = 0) -> torch.Tensor:
+    """The fixed 2-D sine-cosine position table of MAE ("Masked Autoencoders Are Scalable Vision
+    Learners", He et al. 2022), (1, P + H*W, dim) with zero rows for the P prefix tokens: the first half
+    of the channels encodes a token's column, the second its row, each as sin(pos·ω) beside cos(pos·ω)
+    with ω = 1 / 10000^(k / (dim/4)), k = 0 .. dim/4 - 1 (the Transformer's frequencies)."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sine-cosine position table needs a width divisible by 4, got {dim}")
+    h, w = to_2tuple(grid_size)
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                indexing="ij")
+
+    def axis(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega  # (H*W, dim/4)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([axis(cols), axis(rows)], dim=1).float()  # (H*W, dim)
+    return torch.cat([torch.zeros(num_prefix_tokens, dim), table]).unsqueeze(0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -129,11 +130,31 @@ def init_weights_cetnet(module: nn.Module) -> None:
     init_conv_fan_out(module)
 
 
+@dataclass
+class TokenEncoder:
+    """The parts of an isotropic attention model (a plain ViT, a specification of one attention stage) that
+    a masked autoencoder (MAE, :mod:`mixlab.models.mim`) runs on the visible tokens only: the patch stem
+    (NCHW image -> (B, h, w, C)), the learned position table (an :class:`~mixlab.layers.AbsolutePosEmbed`
+    whose prefix rows belong to ``prefix``), the prefix tokens (class, distillation; maybe none), the blocks
+    (on a (B, P + n, C) sequence of any length n) and the final norm."""
+
+    patchify: nn.Module
+    pos: nn.Module
+    prefix: list
+    blocks: nn.Module
+    norm: nn.Module
+    patch_size: int
+
+
 class MixlabModel(nn.Module):
     """Base class of every mixlab architecture."""
 
     #: the summary of the spatial mixer per stage, for ``mixlab info``
     stage_mixers: list[str]
+    #: the module whose output is the (B, h, w, C) grid of the first tokens (the patch stem): masked image
+    #: modeling (SimMIM, :mod:`mixlab.models.mim`) puts its mask token into that output; None: the family
+    #: has no such grid
+    mask_stem: str | None = None
 
     def __init__(self, in_chans: int, num_classes: int, img_size):
         super().__init__()
@@ -212,10 +233,20 @@ class MixlabModel(nn.Module):
         """Parameter names that should not be weight-decayed beyond norms and biases."""
         return set()
 
+    def token_encoder(self) -> TokenEncoder:
+        """The parts a masked autoencoder runs on visible tokens only; a ValueError saying why for a model
+        that is not one isotropic stage of global attention with a learned absolute position table."""
+        raise ValueError(f"{type(self).__name__} is not a plain vision transformer: MAE's encoder drops the masked "
+                         f"tokens, which needs one isotropic stage of global attention over a patch stem with an "
+                         f"absolute position embedding (ViT/DeiT, or a specification 'patchP / attention:DxW:"
+                         f"pos=abs'); pretrain this model with mim.method=simmim")
+
 
 class HierarchicalModel(MixlabModel):
     """stem -> stages -> norm -> head on channels-last maps (Swin, ConvNeXt, PoolFormer,
     Container, ResNet, and the isotropic MLP-Mixer as a single stage)."""
+
+    mask_stem = "stem"
 
     def __init__(self, in_chans: int, num_classes: int, img_size, stem: nn.Module, stages: Sequence[Stage],
                  norm: nn.Module, head: nn.Module, feature_info: list[dict], stage_mixers: list[str]):

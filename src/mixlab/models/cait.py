@@ -87,6 +87,8 @@ class Cait(MixlabModel):
     (B, C, H/p, W/p), the last normalised by the final norm.
     """
 
+    mask_stem = "patch_embed"  # where masked image modeling's mask token enters
+
     def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 192,
                  depth: int = 24, num_heads: int = 4, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  layer_scale: float = 1e-5, depth_token_only: int = 2, mlp_ratio_token_only: float = 4.0,

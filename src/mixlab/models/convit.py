@@ -48,6 +48,8 @@ class ConViT(MixlabModel):
     class token and ``depth - local_up_to_layer`` self-attention blocks on the (B, 1+N, C)
     sequence. ``embed_dim`` is the total width (timm's ``embed_dim · num_heads``)."""
 
+    mask_stem = "patch_embed"  # where masked image modeling's mask token enters
+
     def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 192,
                  depth: int = 12, num_heads: int = 4, local_up_to_layer: int = 10, locality_strength: float = 1.0,
                  mlp_ratio: float = 4.0, qkv_bias: bool = False, global_pool: str = "token",

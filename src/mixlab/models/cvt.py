@@ -106,6 +106,8 @@ class CvT(MixlabModel):
     """Convolutional vision Transformer: stages of (conv embedding, conv-projection attention
     blocks), a class token in the last stage (``cls_token``), a LayerNorm and a linear head."""
 
+    mask_stem = "stages.0.embed"  # where masked image modeling's mask token enters
+
     def __init__(self, img_size=224, in_chans: int = 3, num_classes: int = 1000,
                  embed_dims: Sequence[int] = (64, 192, 384), depths: Sequence[int] = (1, 2, 10),
                  num_heads: Sequence[int] = (1, 3, 6), mlp_ratio=4.0, patch_sizes: Sequence[int] = (7, 3, 3),

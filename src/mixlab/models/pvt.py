@@ -137,6 +137,8 @@ class PVT(MixlabModel):
     the CETNet paper's experiment of putting its embedding into PVT).
     """
 
+    mask_stem = "stages.0.embed"  # where masked image modeling's mask token enters
+
     def __init__(self, img_size=224, patch_size: int = 4, in_chans: int = 3, num_classes: int = 1000,
                  embed_dims: Sequence[int] = (64, 128, 320, 512), num_heads: Sequence[int] = (1, 2, 5, 8),
                  mlp_ratios: Sequence[float] = (8, 8, 4, 4), depths: Sequence[int] = (3, 4, 6, 3),

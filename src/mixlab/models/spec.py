@@ -66,7 +66,7 @@ from ..layers import (AbsolutePosEmbed, BatchNormNHWC, ClassifierHead, Condition
                       GroupNorm1NHWC, Mlp, PatchEmbed, PatchMerging, stochastic_depth_rates, to_2tuple)
 from ..mixers import Attention, ContainerMixer, DepthwiseConv, Pooling, TokenMixingMLP, WindowAttention
 from ..registry import MIXERS, register_spec_mixer
-from .base import HierarchicalModel, Stage, init_weights_vit
+from .base import HierarchicalModel, Stage, TokenEncoder, init_weights_vit
 from .blocks import MetaBlock
 from .convnext import ConvNeXtBlock
 from .resnet import BasicBlock, Bottleneck
@@ -351,6 +351,30 @@ class SpecNet(HierarchicalModel):
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | ({"dist_token"} if self.distilled else set())
+
+    def token_encoder(self) -> TokenEncoder:
+        """One stage of global attention on a patch stem with an absolute position table: MAE's encoder."""
+        stages, stem = self.spec["stages"], self.spec["stem"]
+        st = stages[0]
+        why = None
+        if len(stages) != 1:
+            why = f"it has {len(stages)} stages (MAE needs one isotropic stage)"
+        elif stem["type"] != "patch":
+            why = f"its stem is {stem['type']} (MAE needs a patch stem: 'patchP')"
+        elif st["mixer"] != "attention":
+            why = f"its stage mixes by {st['mixer']} (MAE drops tokens, which needs global attention)"
+        elif st["context"] != "none":
+            why = f"its stage has context={st['context']}"
+        elif st["pos"] != "abs":
+            why = f"its position encoding is pos={st['pos']} (MAE needs an absolute table: pos=abs)"
+        elif self.distilled:
+            why = "it has a distillation token (pretrain the model without it)"
+        if why:
+            raise ValueError(f"MAE cannot pretrain this specification: {why}; MAE's encoder sees only the visible "
+                             f"tokens, so it needs 'patchP / attention:DxW:pos=abs' (or a ViT); pretrain this model "
+                             f"with mim.method=simmim")
+        stage = self.stages[0]
+        return TokenEncoder(self.stem, stage.downsample.pos, [], stage.blocks, self.norm, stem["size"])
 
     def _last_stage_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """The last stage of a distilled model: its downsampling on the (B, H, W, C) map, then its blocks on the

@@ -17,7 +17,7 @@ from ..layers import AbsolutePosEmbed, ClassifierHead, PatchEmbed, stochastic_de
 from ..mixers import Attention
 from ..registry import (IMAGENET_MEAN_STD, INCEPTION_MEAN_STD, register_architecture_kwargs, register_default_weights,
                         register_layout, register_model)
-from .base import MixlabModel, block_token_maps, build, init_weights_vit, patch_grid
+from .base import MixlabModel, TokenEncoder, block_token_maps, build, init_weights_vit, patch_grid
 from .blocks import MetaBlock
 
 
@@ -25,6 +25,8 @@ class VisionTransformer(MixlabModel):
     """ViT / DeiT. ``distilled=True`` adds DeiT's distillation token and second head: in
     eval mode the two heads' logits are averaged; in training mode with
     ``distilled_training = True`` both are returned (class logits, distillation logits)."""
+
+    mask_stem = "patch_embed"  # where masked image modeling's mask token enters
 
     def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
@@ -69,6 +71,12 @@ class VisionTransformer(MixlabModel):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "dist_token"}
+
+    def token_encoder(self) -> TokenEncoder:
+        if self.patch_size[0] != self.patch_size[1]:
+            raise ValueError(f"MAE needs square patches, this model has {self.patch_size}")
+        prefix = [self.cls_token] + ([self.dist_token] if self.dist_token is not None else [])
+        return TokenEncoder(self.patch_embed, self.pos_embed, prefix, self.blocks, self.norm, self.patch_size[0])
 
     def _embed(self, x: torch.Tensor):
         self.check_input(x)

@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -67,6 +68,10 @@ def describe_source(source: Any) -> str:
     return os.fspath(source) if isinstance(source, os.PathLike) else str(source)
 
 
+#: the metadata entry :func:`read_checkpoint` adds when it took a task run's model out of its module
+DROPPED_KEY = "backbone_dropped"
+
+
 def read_checkpoint(source: Source) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(state_dict, metadata)`` from a file, a Hub id or a dict in memory.
 
@@ -89,6 +94,12 @@ def read_checkpoint(source: Source) -> tuple[dict[str, torch.Tensor], dict[str, 
 
     A file next to a timm ``config.json`` (a timm repository on the Hub, or a downloaded copy of
     one) gets its data configuration in ``metadata["timm_data_config"]`` (:func:`timm_data_config`).
+
+    The checkpoint of a run whose task trains the model inside a module of its own (masked image
+    modeling: the model as ``encoder`` beside a decoder) records where the model is
+    (``metadata["backbone_prefix"]``): only the model's tensors are returned, with that prefix
+    stripped; ``metadata["backbone_dropped"]`` (JSON) and a warning name the task's tensors left
+    out (:func:`backbone_state`).
     """
     if isinstance(source, Mapping):
         return unwrap_checkpoint(source, "the state dict", {})
@@ -97,8 +108,31 @@ def read_checkpoint(source: Source) -> tuple[dict[str, torch.Tensor], dict[str, 
                         f"not a {type(source).__name__}")
     text = os.fspath(source)
     if isinstance(text, str) and text.startswith(HUB_PREFIX):
-        return _read_hub(text)
-    return _read_file(Path(text))
+        state_dict, metadata = _read_hub(text)
+    else:
+        state_dict, metadata = _read_file(Path(text))
+    state_dict, dropped = backbone_state(state_dict, metadata)
+    if dropped:
+        metadata[DROPPED_KEY] = json.dumps(dropped)
+        warnings.warn(f"{text} holds a {metadata.get('task', 'task')} run's module: took its model "
+                      f"({metadata['backbone_prefix']}*) and left out the task's own tensors: {', '.join(dropped)}",
+                      UserWarning, stacklevel=2)
+    return state_dict, metadata
+
+
+def backbone_state(state_dict: Mapping[str, torch.Tensor],
+                   metadata: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The model's tensors of a checkpoint whose metadata records a ``backbone_prefix`` (the module a task
+    trained holds the model there: ``encoder.``), prefix stripped, and the names of the task's tensors left
+    out, grouped by their first part (``decoder.*``, ``mask_token``); a checkpoint without one as it is."""
+    prefix = metadata.get("backbone_prefix") or ""
+    if not prefix:
+        return dict(state_dict), []
+    kept = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not kept:
+        raise CheckpointError(f"the checkpoint records its model under {prefix!r} but holds no tensor there")
+    dropped = sorted({k.split(".", 1)[0] + (".*" if "." in k else "") for k in state_dict if not k.startswith(prefix)})
+    return kept, dropped
 
 
 def _read_file(path: Path, where: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

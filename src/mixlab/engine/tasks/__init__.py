@@ -3,6 +3,7 @@
 from .base import TASKS, Metric, Task, TaskData, autocast, build_task, get_task, register_task
 from .classification import ClassificationTask
 from .distill import DistillationTask
+from .mim import MaskedImageModeling
 
 __all__ = ["Task", "Metric", "TaskData", "TASKS", "register_task", "get_task", "build_task", "autocast", "ClassificationTask",
-           "DistillationTask"]
+           "DistillationTask", "MaskedImageModeling"]

@@ -74,9 +74,9 @@ class Task:
     implement the methods that raise NotImplementedError; the others have defaults.
 
     The task's :attr:`metric` picks the best checkpoint and ranks the arena. A task whose ``setup`` returns a
-    module holding the model (a decoder beside it) says where the model sits in that module's weights with
-    :attr:`backbone_prefix` (``"encoder."``): the optimizer's parameter groups, the checkpoint metadata and
-    fine-tuning from the run read it.
+    module holding the model beside its own modules (a decoder) gives that module a ``backbone_prefix``
+    attribute saying where the model sits in its weights (``"encoder."``): the optimizer's parameter groups,
+    the checkpoints' metadata and fine-tuning from the run read it.
 
     A task is built from the run's configuration and process (``Task(cfg, dinfo)``); the loop then
     calls ``build_data``, ``model_kwargs`` (for ``create_model``), ``setup`` once, ``loss`` for
@@ -89,9 +89,6 @@ class Task:
     #: the metric that picks ``best.safetensors`` and ranks the arena: its key is a field of the per-epoch
     #: metrics rows (see :meth:`epoch_fields`) and of summary.json (see :meth:`summary_fields`)
     metric: ClassVar[Metric | None] = None
-    #: where the model (the backbone ``create_model`` built) sits in the state dict of the module ``setup``
-    #: returns: "" when ``setup`` returns the model itself, "encoder." for a module holding it as ``encoder``
-    backbone_prefix: ClassVar[str] = ""
     #: whether the trained model outputs class scores (what ``eval``, the arena and the analysis commands read)
     class_scores: ClassVar[bool] = False
 
@@ -165,6 +162,11 @@ class Task:
         """The end-of-run log line's account of ``summary``."""
         return ""
 
+    def epoch_end(self, model: nn.Module, epoch: int, run_dir, last: bool) -> None:
+        """Called in every process after each epoch's evaluation (``epoch`` counts from 1; ``last`` for the
+        run's last) with the trained module: write what the task shows of its progress into ``run_dir`` (the
+        masked-image-modeling task's pictures). It must not draw from the global random generators."""
+
 
 #: the tasks by name; :func:`register_task` adds one
 TASKS: dict[str, type[Task]] = {}
@@ -177,8 +179,6 @@ def register_task(cls: type[Task]) -> type[Task]:
     if not isinstance(cls.metric, Metric):
         raise ValueError(f"{cls.__name__}.metric must be a Metric (the key that picks the best checkpoint and "
                          f"ranks the arena), got {cls.metric!r}")
-    if cls.backbone_prefix and not cls.backbone_prefix.endswith("."):
-        raise ValueError(f"{cls.__name__}.backbone_prefix must be '' or end with '.', got {cls.backbone_prefix!r}")
     if TASKS.get(cls.name, cls) is not cls:
         raise ValueError(f"a task named {cls.name!r} is already registered ({TASKS[cls.name].__name__})")
     TASKS[cls.name] = cls

@@ -26,44 +26,19 @@ class ClassificationTask(Task):
         self.loss_fn = binary_cross_entropy if cfg.train.loss == "bce" else soft_cross_entropy
         self.mixer = None  # built with the training data: it needs the class count
 
-    def _datasets(self, download: bool):
-        d = self.cfg.data
-        return build_datasets(d.name, root=d.root, img_size=d.img_size, download=download, strict=d.strict,
-                              limit_train=d.limit_train, limit_val=d.limit_val, seed=self.cfg.train.seed)
-
     def data_info(self):
-        return self._datasets(download=False)[2]
+        return image_datasets(self.cfg, download=False)[2]
 
     def build_data(self, with_train: bool = True) -> TaskData:
-        """Datasets, transforms, samplers and loaders; the training ones only ``with_train``."""
-        cfg, dinfo = self.cfg, self.dinfo
-        d, a = cfg.data, cfg.aug
-        base_train, base_val, info = self._datasets(download=d.download)
-        train_tf = build_transforms(info, True, info.img_size, hflip=a.hflip,
-                                    random_resized_crop=a.random_resized_crop, rrc_scale=tuple(a.rrc_scale),
-                                    simple_random_crop=a.simple_random_crop, crop_padding=a.crop_padding,
-                                    rand_augment=a.rand_augment, three_augment=a.three_augment,
-                                    color_jitter=a.color_jitter, random_erasing=a.random_erasing)
-        val_tf = build_transforms(info, False, info.img_size)
-        val_ds = SeededDataset(base_val, val_tf, seed=cfg.train.seed)
-        pin = dinfo.device.type == "cuda"
-        bs = cfg.train.batch_size
-        val_indices = list(range(dinfo.rank, len(val_ds), dinfo.world_size))  # disjoint shards: exact totals
-        val_loader = DataLoader(val_ds, batch_size=max(bs, 64), sampler=val_indices, num_workers=d.num_workers,
-                                pin_memory=pin)
-        if not with_train:
-            return TaskData(None, val_loader, None, info)
-        train_ds = SeededDataset(base_train, train_tf, seed=cfg.train.seed)
-        sampler = ResumableSampler(len(train_ds), shuffle=True, seed=cfg.train.seed, num_replicas=dinfo.world_size,
-                                   rank=dinfo.rank, repeats=a.repeated_aug)
-        if len(sampler) < bs:
-            raise ConfigError(f"train.batch_size {bs} is larger than this process's share of the training set "
-                              f"({len(sampler)} images); use a batch size of at most {len(sampler)}")
-        train_loader = DataLoader(train_ds, batch_size=bs, sampler=sampler, num_workers=d.num_workers,
-                                  drop_last=True, pin_memory=pin, persistent_workers=False)
-        self.mixer = MixupCutmix(info.num_classes, mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mix_prob,
-                                 switch_prob=a.switch_prob, label_smoothing=cfg.train.label_smoothing)
-        return TaskData(train_loader, val_loader, sampler, info)
+        """Datasets, transforms, samplers and loaders (:func:`build_image_data`); Mixup/CutMix for the training
+        batches."""
+        data = build_image_data(self.cfg, self.dinfo, with_train)
+        if with_train:
+            a = self.cfg.aug
+            self.mixer = MixupCutmix(data.info.num_classes, mixup_alpha=a.mixup, cutmix_alpha=a.cutmix,
+                                     prob=a.mix_prob, switch_prob=a.switch_prob,
+                                     label_smoothing=self.cfg.train.label_smoothing)
+        return data
 
     def loss(self, model: nn.Module, batch, seed: int) -> tuple[torch.Tensor, int]:
         x, y = batch
@@ -117,3 +92,42 @@ class ClassificationTask(Task):
 
     def final_log(self, summary: dict) -> str:
         return f"top-1 {summary['top1']:.2f}% (best {summary['best_top1']:.2f}%)"
+
+
+def image_datasets(cfg, download: bool, labelled: bool = True):
+    """The configuration's untransformed (train, val, info) datasets (``labelled=False``: an image folder needs
+    no class folders)."""
+    d = cfg.data
+    return build_datasets(d.name, root=d.root, img_size=d.img_size, download=download, strict=d.strict,
+                          limit_train=d.limit_train, limit_val=d.limit_val, seed=cfg.train.seed, labelled=labelled)
+
+
+def build_image_data(cfg, dinfo, with_train: bool = True, labelled: bool = True) -> TaskData:
+    """The image tasks' data: datasets, the ``aug:`` training transform and the evaluation transform, per-draw
+    seeded datasets, the resumable sampler and the loaders (validation: disjoint shards of the processes,
+    for exact totals); the training ones only ``with_train``."""
+    d, a = cfg.data, cfg.aug
+    base_train, base_val, info = image_datasets(cfg, download=d.download, labelled=labelled)
+    train_tf = build_transforms(info, True, info.img_size, hflip=a.hflip,
+                                random_resized_crop=a.random_resized_crop, rrc_scale=tuple(a.rrc_scale),
+                                simple_random_crop=a.simple_random_crop, crop_padding=a.crop_padding,
+                                rand_augment=a.rand_augment, three_augment=a.three_augment,
+                                color_jitter=a.color_jitter, random_erasing=a.random_erasing)
+    val_tf = build_transforms(info, False, info.img_size)
+    val_ds = SeededDataset(base_val, val_tf, seed=cfg.train.seed)
+    pin = dinfo.device.type == "cuda"
+    bs = cfg.train.batch_size
+    val_indices = list(range(dinfo.rank, len(val_ds), dinfo.world_size))  # disjoint shards: exact totals
+    val_loader = DataLoader(val_ds, batch_size=max(bs, 64), sampler=val_indices, num_workers=d.num_workers,
+                            pin_memory=pin)
+    if not with_train:
+        return TaskData(None, val_loader, None, info)
+    train_ds = SeededDataset(base_train, train_tf, seed=cfg.train.seed)
+    sampler = ResumableSampler(len(train_ds), shuffle=True, seed=cfg.train.seed, num_replicas=dinfo.world_size,
+                               rank=dinfo.rank, repeats=a.repeated_aug)
+    if len(sampler) < bs:
+        raise ConfigError(f"train.batch_size {bs} is larger than this process's share of the training set "
+                          f"({len(sampler)} images); use a batch size of at most {len(sampler)}")
+    train_loader = DataLoader(train_ds, batch_size=bs, sampler=sampler, num_workers=d.num_workers,
+                              drop_last=True, pin_memory=pin, persistent_workers=False)
+    return TaskData(train_loader, val_loader, sampler, info)

@@ -155,6 +155,17 @@ def test_distill_cache_benchmark_runs(tmp_path):
     assert result["cache_images"] == 64 and "| nano_resnet |" in stdout
 
 
+def test_mae_speed_benchmark_runs(tmp_path):
+    stdout, result = run_script("mae_speed.py", "--models", "spec:patch4 / attention:1x32:heads=2,pos=abs",
+                                "--img-size", "16", "--batch", "4", "--decoders", "32x1", "--repeats", "2", "--iters",
+                                "1", "--warmup", "0", tmp_path=tmp_path)
+    (r,) = result["results"]
+    assert set(r["img_s"]) == {"full tokens", "MAE 0.75, decoder 32x1"} and len(r["ratios"]["MAE 0.75, decoder 32x1"]) == 2
+    # the encoder of the MAE step runs on a quarter of the tokens: fewer MACs than the full step's encoder
+    assert r["gmacs_forward"]["MAE 0.75, decoder 32x1"] < r["gmacs_forward"]["full tokens"] * 1.5
+    assert "| full tokens |" in stdout
+
+
 def test_compare_arenas_reads_each_arms_runs_and_tests_them_against_the_first(tmp_path):
     import compare_arenas
     from scipy import stats

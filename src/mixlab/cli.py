@@ -163,8 +163,34 @@ def add_train_parser(sub) -> None:
                        description="Train and evaluate a model. Configuration layers: the recipe (default 'basic'), "
                                    "the YAML file, the flags, then --set section.key=value overrides. Under torchrun "
                                    "the same command trains with DistributedDataParallel.")
+    _train_arguments(s)
+    s.set_defaults(func=cmd_train)
+
+
+def add_pretrain_parser(sub) -> None:
+    s = sub.add_parser("pretrain", help="self-supervised pretraining by masked image modeling (SimMIM, MAE)",
+                       description="mixlab train --task mim with the method's recipe: the model learns to reconstruct "
+                                   "hidden patches of the images, without their labels (an image folder needs no "
+                                   "class folders). Fine-tune the run afterwards with mixlab train --pretrained RUN. "
+                                   "See docs/mim.md.")
+    s.add_argument("--method", choices=["simmim", "mae"], default="simmim",
+                   help="simmim (any model with a patch stem) or mae (plain ViTs); its recipe unless --recipe")
+    _train_arguments(s)
+    s.set_defaults(func=cmd_pretrain)
+
+
+def cmd_pretrain(args) -> int:
+    if not (args.resume and args.resume is not True and not args.config):  # a resumed run keeps its configuration
+        args.recipe = args.recipe or args.method
+        args.set = ["task=mim", f"mim.method={args.method}", *(args.set or [])]
+    return cmd_train(args)
+
+
+def _train_arguments(s) -> None:
+    """The arguments of ``mixlab train`` (and ``mixlab pretrain``)."""
     s.add_argument("config", nargs="?", help="a YAML configuration file (sections model:, data:, train:, ...)")
-    s.add_argument("--recipe", help="deit | convnext | deit3 | basic, or a YAML path (see `mixlab recipes`)")
+    s.add_argument("--recipe", help="deit | convnext | deit3 | basic | simmim | mae, or a YAML path (see `mixlab "
+                                    "recipes`)")
     s.add_argument("--model", help="a registered model name")
     s.add_argument("--pretrained", metavar="SOURCE",
                    help="fine-tune: start from a mixlab run directory (its best checkpoint), a weights file "
@@ -189,7 +215,6 @@ def add_train_parser(sub) -> None:
                         "device, ...: mixlab.config.RESUME_SAFE), each recorded in config_history.jsonl")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key, e.g. optimizer.lr=1e-3")
     s.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
-    s.set_defaults(func=cmd_train)
 
 
 def cmd_train(args) -> int:
@@ -748,7 +773,8 @@ def cmd_scale(args) -> int:
 
 
 #: the commands, in the order `mixlab --help` lists them: each function adds its sub-parser
-COMMANDS = (add_list_parser, add_info_parser, add_train_parser, add_eval_parser, add_predict_parser,
+COMMANDS = (add_list_parser, add_info_parser, add_train_parser, add_pretrain_parser, add_eval_parser,
+            add_predict_parser,
             add_arena_parser, add_convert_parser, add_erf_parser, add_affinity_parser, add_robustness_parser, add_scale_parser, add_recipes_parser)
 
 

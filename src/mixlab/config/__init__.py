@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
+RECIPES_DIR = Path(__file__).parent.parent / "recipes"
 #: the recipe applied when neither the arguments nor a YAML layer name one
 DEFAULT_RECIPE = "basic"
 
@@ -272,7 +272,7 @@ def load_yaml(path) -> dict:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        from .models.spec import yaml_problem
+        from ..models.spec import yaml_problem
         raise ConfigError(f"{p}: not valid YAML ({yaml_problem(e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, ...)")
@@ -361,7 +361,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(valid)}")
     if not cfg.task.strip():
         raise ConfigError("task: give the name of a task, e.g. classification")
-    from .factory import check_model_name
+    from ..factory import check_model_name
     try:
         check_model_name(cfg.model.name)
     except ValueError as e:  # an unknown name, or a specification that cannot be built
@@ -410,7 +410,7 @@ def check_sources(cfg: Config) -> None:
     """Checks of a new configuration against the file system: a local ``model.pretrained`` exists.
     Not part of :func:`validate`, which also reads the configurations of finished runs: a fine-tuned
     run stays readable (and resumable: it does not reload its source) after its source is moved."""
-    from .weights.io import HUB_PREFIX
+    from ..weights.io import HUB_PREFIX
     source = cfg.model.pretrained
     if source is not None and not source.startswith(HUB_PREFIX) and not Path(source).exists():
         raise ConfigError(f"model.pretrained: {source!r} does not exist; give a mixlab run directory, a weights file "

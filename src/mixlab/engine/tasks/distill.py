@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ...config import TEACHER_KINDS, ConfigError, load_run_config
+from ...config import ConfigError, load_run_config
+from ...config.tasks.distill import TEACHER_KINDS
 from ...data import recorded_info
 from ...data.transforms import is_deterministic
 from ...factory import check_model_name, create_model
@@ -129,8 +130,8 @@ def _built_teacher(model: nn.Module, description: str) -> TeacherSource:
 
 
 def load_teacher(teacher: str, teacher_weights: str | None, in_chans: int) -> TeacherSource:
-    """The teacher ``distill.teacher`` names (see :data:`mixlab.config.TEACHER_KINDS`), on the CPU in eval mode;
-    ``in_chans``: the student's input channels (for a teacher given by name)."""
+    """The teacher ``distill.teacher`` names (see :data:`mixlab.config.tasks.distill.TEACHER_KINDS`), on the CPU
+    in eval mode; ``in_chans``: the student's input channels (for a teacher given by name)."""
     path = Path(teacher)
     if path.is_dir() or path.is_file():
         if teacher_weights is not None:

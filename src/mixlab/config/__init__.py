@@ -10,9 +10,16 @@ A configuration is built in layers, each overriding the last:
 
 Unknown keys and values of the wrong type are errors that name the key, what was wrong and
 the closest valid key. The resolved configuration is saved as ``config.yaml`` in every run.
+
+The sections every task shares are the fields of :class:`Config`. A task's own keys (``distill:``) are a
+section the task declares (:class:`~mixlab.config.section.TaskSection`, in ``mixlab/config/tasks/<task>.py``)
+and this module registers (:func:`register_section`, :data:`SECTIONS`): a ``Config`` carries each registered
+section as an attribute, and building, merging, ``to_dict``, validation and resuming treat it as they treat
+the fixed sections. See "A task's configuration section" in docs/tasks.md.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -23,13 +30,12 @@ from typing import Any
 
 import yaml
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
+from .section import ConfigError, TaskSection
+from .tasks import BUILT_IN
+
+RECIPES_DIR = Path(__file__).parent.parent / "recipes"
 #: the recipe applied when neither the arguments nor a YAML layer name one
 DEFAULT_RECIPE = "basic"
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message says which key and why."""
 
 
 @dataclass
@@ -163,50 +169,6 @@ class LogConfig:
 
 
 @dataclass
-class DistillConfig:
-    """Knowledge distillation (``task: distill``; DeiT, "Training data-efficient image transformers &
-    distillation through attention"). See docs/tasks.md."""
-    #: the teacher: a mixlab run directory (its best checkpoint), a weights file with mixlab metadata
-    #: (.safetensors / .pth), or a registered model name (then with teacher_weights)
-    teacher: str | None = None
-    #: the weights of a teacher given by model name: a file or an ``hf-hub:`` id
-    teacher_weights: str | None = None
-    #: hard (the teacher's argmax, DeiT's default) | soft (KL divergence at temperature tau)
-    type: str = "hard"
-    #: weight of the distillation loss; the label loss has 1 - alpha
-    alpha: float = 0.5
-    #: temperature of soft distillation
-    tau: float = 1.0
-    #: keep the teacher's logits per training image: auto (when the training images are not augmented and
-    #: there is no mixup/cutmix) | true (an error when they are) | false (YAML booleans too)
-    cache: str | bool = "auto"
-
-
-@dataclass
-class MimConfig:
-    """Masked image modeling (``task: mim``): SimMIM ("SimMIM: A Simple Framework for Masked Image Modeling")
-    or MAE ("Masked Autoencoders Are Scalable Vision Learners"). See docs/mim.md."""
-    #: simmim (any model with a patch stem) | mae (plain ViTs and one-stage attention specifications)
-    method: str = "simmim"
-    #: the share of patches hidden, in (0, 1); None: the method's own (SimMIM 0.6, MAE 0.75)
-    mask_ratio: float | None = None
-    #: SimMIM: the side of a mask patch in pixels (a multiple of the model's patch dividing the image); None:
-    #: SimMIM's 32 where it fits, else the valid size giving a grid nearest SimMIM's 6-7 patches a side
-    mask_patch: int | None = None
-    #: MAE: the decoder's width, depth and heads (the paper's 512, 8, 16)
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    #: MAE: predict per-patch normalised pixels (the paper's best setting)
-    norm_pix_loss: bool = False
-    #: write a picture of original / masked / reconstructed validation images every N epochs (and at the
-    #: last); 0: never
-    picture_every: int = 1
-    #: how many validation images the picture shows
-    picture_images: int = 8
-
-
-@dataclass
 class Config:
     #: what the model learns: a task of mixlab.engine.tasks (checked against them when a run starts);
     #: a run's config.yaml without this key (mixlab 0.1.0) is classification
@@ -220,19 +182,75 @@ class Config:
     ema: EmaConfig = field(default_factory=EmaConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    mim: MimConfig = field(default_factory=MimConfig)
     #: the recipe this configuration started from (informational once resolved)
     recipe: str | None = None
     #: runs are written to output_dir/name
     output_dir: str = "runs"
     name: str | None = None
+    # and one attribute for each registered task section (SECTIONS): cfg.distill, ...
+
+    def __post_init__(self):
+        for section in SECTIONS.values():
+            setattr(self, section.name, section.type())
+
+    def __getattr__(self, name: str):
+        """A section registered after this configuration was made reads as its defaults."""
+        section = SECTIONS.get(name)
+        if section is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        setattr(self, name, section.type())
+        return getattr(self, name)
+
+    def _items(self) -> list[tuple[str, Any]]:
+        """``(key, value)`` in the order of config.yaml: the task, the fixed sections, the registered ones,
+        then the top-level keys (recipe, output_dir, name)."""
+        fixed = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+        at = max(i for i, (_, v) in enumerate(fixed) if dataclasses.is_dataclass(v)) + 1
+        return fixed[:at] + [(name, getattr(self, name)) for name in SECTIONS] + fixed[at:]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else copy.deepcopy(v) for k, v in self._items()}
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._items())})"
 
     def save(self, path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+#: The task-owned sections a :class:`Config` carries besides its fields, by name, in the order they were
+#: registered (the built-in tasks' sections, :data:`mixlab.config.tasks.BUILT_IN`, when this module is imported).
+SECTIONS: dict[str, TaskSection] = {}
+
+
+def register_section(name: str | TaskSection, type: type | None = None, **kwargs) -> TaskSection:
+    """Make a task's section part of every configuration built from now on.
+
+    ``register_section("mim", MimConfig, task="mim", validate=check, resume_refused="...")`` takes the arguments
+    of :class:`~mixlab.config.section.TaskSection` (or one ready-made); a built-in task declares its section in
+    ``mixlab/config/tasks/<task>.py`` instead, and this module registers it when it is imported. Registering
+    the same section again changes nothing; another section of a name taken, or the name of a fixed section,
+    is a ``ValueError``."""
+    section = name if isinstance(name, TaskSection) else TaskSection(name, type, **kwargs)
+    if section.name in {f.name for f in dataclasses.fields(Config)}:
+        raise ValueError(f"{section.name!r} is a key of the configuration itself, not free for a task's section")
+    if SECTIONS.get(section.name, section) != section:
+        raise ValueError(f"a configuration section named {section.name!r} is already registered "
+                         f"({SECTIONS[section.name].type.__name__}, for task {SECTIONS[section.name].task!r})")
+    SECTIONS[section.name] = section
+    return section
+
+
+def unregister_section(name: str) -> TaskSection | None:
+    """Remove a registered section (tests that register their own); configurations built afterwards lack it."""
+    return SECTIONS.pop(name, None)
+
+
+for _section in BUILT_IN:
+    register_section(_section)
 
 
 # -- building and validating ------------------------------------------------------------------
@@ -274,11 +292,20 @@ def _check_type(path: str, value: Any, tp) -> Any:
     return value
 
 
+def _keys(obj) -> dict[str, Any]:
+    """The keys of a section, or of the configuration with its registered sections, and their annotations."""
+    hints = typing.get_type_hints(type(obj))
+    keys = {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+    if isinstance(obj, Config):
+        keys.update({name: section.type for name, section in SECTIONS.items()})
+    return keys
+
+
 def _merge_into(obj, data: dict, prefix: str = "") -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'configuration'}: expected a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(type(obj))
-    fields = {f.name for f in dataclasses.fields(obj)}
+    hints = _keys(obj)
+    fields = set(hints)
     for key, value in data.items():
         path = f"{prefix}{key}"
         if key not in fields:
@@ -297,7 +324,7 @@ def load_yaml(path) -> dict:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        from .models.spec import yaml_problem
+        from ..models.spec import yaml_problem
         raise ConfigError(f"{p}: not valid YAML ({yaml_problem(e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, data:, ...)")
@@ -378,16 +405,14 @@ def validate(cfg: Config) -> None:
         "train.amp": (cfg.train.amp, ("none", "bf16", "fp16")),
         "log.progress": (str(cfg.log.progress).lower(), ("auto", "true", "false")),
         "model.freeze": (cfg.model.freeze, ("none", "backbone")),
-        "distill.type": (cfg.distill.type, ("hard", "soft")),
-        "distill.cache": (str(cfg.distill.cache).lower(), ("auto", "true", "false")),
-        "mim.method": (cfg.mim.method, ("simmim", "mae")),
+        **_section_choices(cfg),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(valid)}")
     if not cfg.task.strip():
         raise ConfigError("task: give the name of a task, e.g. classification")
-    from .factory import check_model_name
+    from ..factory import check_model_name
     try:
         check_model_name(cfg.model.name)
     except ValueError as e:  # an unknown name, or a specification that cannot be built
@@ -424,8 +449,7 @@ def validate(cfg: Config) -> None:
                    "data.limit_val": cfg.data.limit_val}.items():
         if v is not None and v < 1:
             raise ConfigError(f"{key} must be at least 1 or unset (null), got {v}")
-    _validate_distill(cfg)
-    _validate_mim(cfg)
+    _validate_sections(cfg)
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be 0 (load in the main process) or more, got {cfg.data.num_workers}")
     if cfg.model.pretrained is not None and not cfg.model.pretrained.strip():
@@ -437,49 +461,39 @@ def check_sources(cfg: Config) -> None:
     """Checks of a new configuration against the file system: a local ``model.pretrained`` exists.
     Not part of :func:`validate`, which also reads the configurations of finished runs: a fine-tuned
     run stays readable (and resumable: it does not reload its source) after its source is moved."""
-    from .weights.io import HUB_PREFIX
+    from ..weights.io import HUB_PREFIX
     source = cfg.model.pretrained
     if source is not None and not source.startswith(HUB_PREFIX) and not Path(source).exists():
         raise ConfigError(f"model.pretrained: {source!r} does not exist; give a mixlab run directory, a weights file "
                           f"(.safetensors, .pth) or a Hugging Face Hub id 'hf-hub:org/name'")
 
 
-#: what ``distill.teacher`` may be (the messages of a missing or unusable teacher)
-TEACHER_KINDS = ("a mixlab run directory (its best checkpoint), a .safetensors / .pth weights file with mixlab "
-                 "metadata, or a registered model name with distill.teacher_weights (a file or hf-hub:ORG/NAME)")
+def _section_choices(cfg: Config) -> dict[str, tuple[Any, tuple]]:
+    """``{"section.key": (value, valid values)}`` of the registered sections' choices; a key that also takes
+    YAML booleans (``str | bool``) compares in lower case."""
+    out = {}
+    for name, section in SECTIONS.items():
+        hints = typing.get_type_hints(section.type)
+        for key, valid in section.choices.items():
+            value = getattr(getattr(cfg, name), key)
+            if bool in typing.get_args(hints[key]) or hints[key] is bool:
+                value = str(value).lower()
+            out[f"{name}.{key}"] = (value, tuple(valid))
+    return out
 
 
-def _validate_distill(cfg: Config) -> None:
-    dc = cfg.distill
-    if cfg.task != "distill":
-        given = [k for k in ("teacher", "teacher_weights") if getattr(dc, k) is not None]
-        if given:
-            raise ConfigError(f"distill.{given[0]} is set but task is {cfg.task!r}; set task: distill to distil from "
-                              f"a teacher, or leave distill.{given[0]} out")
-        return
-    if not dc.teacher:
-        raise ConfigError(f"task distill needs a teacher: set distill.teacher to {TEACHER_KINDS}")
-    if not 0.0 <= dc.alpha <= 1.0:
-        raise ConfigError(f"distill.alpha is the weight of the distillation loss, in [0, 1]; got {dc.alpha}")
-    if not dc.tau > 0:
-        raise ConfigError(f"distill.tau is a temperature and must be positive, got {dc.tau}")
-
-
-def _validate_mim(cfg: Config) -> None:
-    m = cfg.mim
-    if m.mask_ratio is not None and not 0.0 < m.mask_ratio < 1.0:
-        raise ConfigError(f"mim.mask_ratio is the share of patches hidden and must lie strictly between 0 and 1, "
-                          f"got {m.mask_ratio} (SimMIM uses 0.6, MAE 0.75)")
-    if m.mask_patch is not None and m.mask_patch < 1:
-        raise ConfigError(f"mim.mask_patch must be a number of pixels (a multiple of the model's patch), got "
-                          f"{m.mask_patch}")
-    for key in ("decoder_dim", "decoder_depth", "decoder_heads", "picture_images"):
-        if getattr(m, key) < 1:
-            raise ConfigError(f"mim.{key} must be at least 1, got {getattr(m, key)}")
-    if m.picture_every < 0:
-        raise ConfigError(f"mim.picture_every must be 0 (no pictures) or a number of epochs, got {m.picture_every}")
-    if cfg.task == "mim" and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0):
-        raise ConfigError("task mim learns without labels: aug.mixup and aug.cutmix mix labels; set them to 0")
+def _validate_sections(cfg: Config) -> None:
+    """A registered section of another task than ``cfg.task`` must be at its defaults (its keys would be
+    ignored); the section of this task (or of none) checks itself."""
+    for name, section in SECTIONS.items():
+        if section.task is not None and cfg.task != section.task:
+            changed = section.changed_keys(getattr(cfg, name))
+            if changed:
+                key = f"{name}.{changed[0]}"
+                raise ConfigError(f"{key} is set but task is {cfg.task!r}; set task: {section.task}"
+                                  f"{' ' + section.purpose if section.purpose else ''}, or leave {key} out")
+        elif section.validate is not None:
+            section.validate(cfg)
 
 
 def config_from_dict(d: dict) -> Config:
@@ -519,7 +533,6 @@ RESUME_SAFE = (
     "train.amp", "train.device", "train.compile", "train.deterministic", "train.eval_every",
     "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.keep_best",
     "log.",
-    "mim.picture_every", "mim.picture_images",
 )
 #: Where a run is and where its configuration came from: a difference is not a change (a resumed
 #: run keeps its own), so ``train(cfg, run_dir=other, resume=True)`` may name another run.
@@ -539,9 +552,15 @@ RESUME_REFUSED = {
     "train.accum_steps": "the step count in the checkpoints is counted in accumulated batches",
     "train.": "it changes what the run's checkpoints mean",
     "ema.": "the EMA weights in the checkpoints were averaged with it",
-    "distill.": "the checkpoints hold a student trained against this teacher and loss",
-    "mim.": "the checkpoints hold an encoder and decoder trained with this method and masking",
 }
+# and each registered section's own reason (TaskSection.resume_refused, "section."): resume_rules()
+
+
+def resume_rules() -> tuple[tuple[str, ...], dict[str, str]]:
+    """The keys a resumed run may change and why the others may not (:data:`RESUME_SAFE`,
+    :data:`RESUME_REFUSED`), with those of the registered sections."""
+    safe = RESUME_SAFE + tuple(f"{name}.{key}" for name, s in SECTIONS.items() for key in s.resume_safe)
+    return safe, {**RESUME_REFUSED, **{f"{name}.": s.resume_refused for name, s in SECTIONS.items()}}
 
 
 def _flatten(cfg: Config) -> dict:
@@ -565,21 +584,23 @@ def resume_config(saved: Config, requested: Config) -> tuple[Config, list[tuple[
     in the order of the configuration's keys.
 
     ``saved`` is the run's ``config.yaml``, ``requested`` the configuration asked for. The keys of
-    :data:`RESUME_SAFE` take the requested values, the :data:`RESUME_LOCATION` keys keep the saved
-    ones, and any other difference is a :class:`ConfigError` naming every such key and why.
+    :data:`RESUME_SAFE` (and a registered section's ``resume_safe`` keys) take the requested values, the
+    :data:`RESUME_LOCATION` keys keep the saved ones, and any other difference is a :class:`ConfigError`
+    naming every such key and why.
     """
     old, new = _flatten(saved), _flatten(requested)
+    safe, reasons = resume_rules()
     changes, refused = [], []
     for key, value in new.items():
         if value == old[key] or key in RESUME_LOCATION:
             continue
-        if _covered(key, RESUME_SAFE):
+        if _covered(key, safe):
             changes.append((key, old[key], value))
         else:
-            refused.append(f"{key} ({old[key]!r} -> {value!r}: {RESUME_REFUSED[_covered(key, RESUME_REFUSED)]})")
+            refused.append(f"{key} ({old[key]!r} -> {value!r}: {reasons[_covered(key, reasons)]})")
     if refused:
         raise ConfigError(f"a resumed run cannot change {'; '.join(refused)}. Only these keys may change on resume: "
-                          f"{', '.join(k + '*' if k.endswith('.') else k for k in RESUME_SAFE)}; to train with the "
+                          f"{', '.join(k + '*' if k.endswith('.') else k for k in safe)}; to train with the "
                           f"others, start a new run (another --name)")
     cfg = Config()
     _merge_into(cfg, {**requested.to_dict(), **{k: getattr(saved, k) for k in RESUME_LOCATION}})

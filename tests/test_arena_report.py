@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from mixlab.arena.report import _fmt_gmacs, _fmt_top1, write_report
+from mixlab.arena.report import _fmt_gmacs, _fmt_metric, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 WEIRD = 'spec:patch2 / convnext:2x32, "fast" / attention:2x64:heads=2 <b>'
@@ -130,7 +130,8 @@ def test_html_is_self_contained_and_escaped(report):
 def test_results_json(report):
     out, _ = report
     data = json.loads((out / "results.json").read_text())
-    assert data == {"config": CONFIG, "environment": ENV, "results": _results()}
+    assert data == {"config": CONFIG, "environment": ENV, "results": _results(),
+                    "metric": {"key": "top1", "label": "top-1", "mode": "max", "unit": "%", "fmt": ".2f"}}
 
 
 def test_no_temporary_files_left(report):
@@ -187,7 +188,7 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     ({"top1_mean": None, "top1_std": None, "finished_seeds": []}, "\u2014"),
 ])
 def test_top1_formatting(r, expected):
-    assert _fmt_top1(r) == expected
+    assert _fmt_metric(r) == expected  # classification's top-1 by default
 
 
 def test_gmacs_formatting():

@@ -414,6 +414,21 @@ def _curve(run_dir: Path, key: str) -> list[list[float]]:
     return [[r["epoch"], r[key]] for r in MetricsLog(run_dir).rows if r.get(key) is not None]
 
 
+def _check_run_task(run_dir: Path, metric) -> None:
+    """Refuse, with a ConfigError that says why, a run whose task (its config.yaml's) this mixlab does not know
+    or is not ranked by the arena's ``metric``: its numbers would be compared with others of another kind."""
+    from ..config import load_run_config
+    from ..engine.tasks import TASKS
+    name = load_run_config(run_dir).task
+    task = TASKS.get(name)
+    if task is None:
+        raise ConfigError(f"{run_dir} is a run of the task {name!r}, which this mixlab does not know (known tasks: "
+                          f"{', '.join(sorted(TASKS))}); the arena ranks runs by their task's metric")
+    if task.metric.key != metric.key:
+        raise ConfigError(f"{run_dir} is a run of the task {name!r}, judged by {task.metric.label}; the arena ranks "
+                          f"by {metric.label}, its own task's metric")
+
+
 def _metric_of(run_dir: Path, summary: dict, metric) -> float:
     """The final value of ``metric`` in a finished run's summary; a ConfigError where it has none (the run
     is of another task than the arena's, or its task does not write its metric's key into summary.json)."""
@@ -437,6 +452,7 @@ def collect(model: str, seeds: list[int], runs: Path, speed: dict, failures: dic
     for s in seeds:
         rd = runs / slug / f"seed{s}"
         if (rd / "summary.json").exists():
+            _check_run_task(rd, metric)
             summaries[s] = json.loads((rd / "summary.json").read_text())
             values[s] = _metric_of(rd, summaries[s], metric)
         curves[str(s)] = _curve(rd, key)

@@ -1,9 +1,10 @@
 """Compare the arms of an experiment, one arena directory each (``mixlab arena --out DIR``): the
 same model trained from scratch, distilled, fine-tuned, probed ... Prints a Markdown table of each
-arm's per-seed final top-1, mean ± std (sample standard deviation), and Welch's t-test of each arm
-against the first one; distilled students also get their two heads' top-1 (class head, distillation
-head). Reads every run's ``summary.json`` under ``DIR/runs/MODEL/seed*``; runs not finished are left
-out and counted.
+arm's per-seed final value of the arenas' metric (top-1 for classification; the metric an arena's
+``results.json`` records, as ``mixlab arena`` ranks by its task's metric), mean ± std (sample standard
+deviation), and Welch's t-test of each arm against the first one; distilled students also get their two
+heads' top-1 (class head, distillation head). Reads every run's ``summary.json`` under
+``DIR/runs/MODEL/seed*``; runs not finished are left out and counted. Arms of different metrics are refused.
 
     python benchmarks/compare_arenas.py scratch=arena/scratch hard=arena/hard soft=arena/soft \
         --model nano_vit_distilled
@@ -19,6 +20,17 @@ import warnings
 from pathlib import Path
 
 
+#: the metric of an arena whose results.json records none (written before arenas recorded one, or not yet written)
+TOP1 = {"key": "top1", "label": "top-1", "mode": "max", "unit": "%", "fmt": ".2f"}
+
+
+def arm_metric(directory: Path) -> dict:
+    """The metric the arena in ``directory`` ranks by (its results.json's ``metric``), top-1 by default."""
+    path = directory / "results.json"
+    metric = json.loads(path.read_text()).get("metric") if path.is_file() else None
+    return metric or TOP1
+
+
 def arm_runs(directory: Path, model: str) -> tuple[list[dict], int]:
     """The finished runs' summaries of ``model`` in an arena directory (by seed), and how many are not finished."""
     runs = sorted((directory / "runs" / model).glob("seed*"), key=lambda p: int(p.name[4:]))
@@ -29,8 +41,9 @@ def arm_runs(directory: Path, model: str) -> tuple[list[dict], int]:
     return done, len(runs) - len(done)
 
 
-def mean_std(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
+def mean_std(xs: list[float], fmt: str = ".2f") -> str:
+    mean = format(statistics.mean(xs), fmt)
+    return f"{mean} ± {format(statistics.stdev(xs), fmt)}" if len(xs) > 1 else mean
 
 
 def welch(xs: list[float], ref: list[float]) -> str:
@@ -49,7 +62,11 @@ def table(arms: list[tuple[str, Path]], model: str) -> str:
     seeds = 0
     heads = False
     data = {}
+    metric = arm_metric(arms[0][1])
     for label, directory in arms:
+        if arm_metric(directory)["key"] != metric["key"]:
+            raise SystemExit(f"{directory}: its arena ranks by {arm_metric(directory)['label']!r}, the first arm's by "
+                             f"{metric['label']!r}; compare arms of one metric")
         done, unfinished = arm_runs(directory, model)
         if not done:
             raise SystemExit(f"{directory}: no finished run of {model!r} yet")
@@ -58,15 +75,20 @@ def table(arms: list[tuple[str, Path]], model: str) -> str:
         data[label] = done
         seeds = max(seeds, len(done))
         heads = heads or any("top1_cls" in s for s in done)
-    header = ["arm"] + [f"seed {i}" for i in range(seeds)] + ["top-1 %", "vs " + arms[0][0], "p (Welch)"]
+    key, fmt = metric["key"], metric["fmt"]
+    title = f"{metric['label']} {metric['unit']}" if metric["unit"] else metric["label"]
+    header = ["arm"] + [f"seed {i}" for i in range(seeds)] + [title, "vs " + arms[0][0], "p (Welch)"]
     if heads:
         header += ["class head %", "dist. head %"]
     for label, _ in arms:
-        top1 = [s["top1"] for s in data[label]]
-        ref = ref or top1
-        gap = statistics.mean(top1) - statistics.mean(ref)
-        row = [label] + [f"{t:.2f}" for t in top1] + ["—"] * (seeds - len(top1))
-        row += [mean_std(top1), "—" if top1 is ref else f"{gap:+.2f}", "—" if top1 is ref else welch(top1, ref)]
+        if any(s.get(key) is None for s in data[label]):
+            raise SystemExit(f"{label}: a finished run's summary.json has no {key!r} ({metric['label']})")
+        values = [s[key] for s in data[label]]
+        ref = ref or values
+        gap = statistics.mean(values) - statistics.mean(ref)
+        row = [label] + [format(t, fmt) for t in values] + ["—"] * (seeds - len(values))
+        row += [mean_std(values, fmt), "—" if values is ref else format(gap, "+" + fmt),
+                "—" if values is ref else welch(values, ref)]
         if heads:
             cls = [s["top1_cls"] for s in data[label] if "top1_cls" in s]
             dist = [s["top1_dist"] for s in data[label] if "top1_dist" in s]

@@ -269,3 +269,131 @@ def test_side_by_side_runs_are_spread_over_the_gpus(tmp_path, monkeypatch):
     arena.train(planned)
     assert started == [0, 1, 2, 3, 4] and sorted(r for r, _, _ in seen) == [f"run{k}" for k in range(5)]
     assert {g for _, g, _ in seen} == {"0", "1"} and {t for _, _, t in seen} == {runner.child_threads(2)}
+
+
+class _MeanPixel:
+    """Built in a fixture (the task classes need torch and the data helpers): a toy regression task whose
+    metric is lower-is-better, as tests/test_tasks.py's, which also writes its metric into summary.json."""
+
+
+@pytest.fixture
+def mean_pixel_task():
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from mixlab.data import ResumableSampler, SeededDataset, build_datasets, build_transforms
+    from mixlab.engine.tasks import TASKS, Metric, Task, TaskData, register_task
+
+    class MeanPixel(Task):
+        name = "test_arena_mean_pixel"
+        metric = Metric("val_mse", "validation MSE", "min", "", ".4f")
+        synthetic: list = []  # the batches synthetic_batch() gave (the arena's speed probe)
+        synthetic_steps = 0  # loss() calls on one of them
+
+        def _data(self):
+            d = self.cfg.data
+            return build_datasets(d.name, img_size=d.img_size, limit_train=d.limit_train, limit_val=d.limit_val,
+                                  seed=self.cfg.train.seed)
+
+        def data_info(self):
+            return dataclasses.replace(self._data()[2], num_classes=1)
+
+        def build_data(self, with_train=True):
+            train_base, val_base, info = self._data()
+            seed, tf = self.cfg.train.seed, build_transforms(info, False, info.img_size)
+            val = DataLoader(SeededDataset(val_base, tf, seed=seed), batch_size=64)
+            info = dataclasses.replace(info, num_classes=1)
+            sampler = ResumableSampler(len(train_base), seed=seed)
+            train = DataLoader(SeededDataset(train_base, tf, seed=seed), batch_size=self.cfg.train.batch_size,
+                               sampler=sampler, drop_last=True)
+            return TaskData(train, val, sampler, info)
+
+        def synthetic_batch(self, n, info):
+            MeanPixel.synthetic.append(super().synthetic_batch(n, info))
+            return MeanPixel.synthetic[-1]
+
+        def loss(self, model, batch, seed):
+            x = batch[0].to(self.device)
+            MeanPixel.synthetic_steps += any(batch is b for b in MeanPixel.synthetic)
+            return F.mse_loss(model(x)[:, 0], x.mean(dim=(1, 2, 3))), x.shape[0]
+
+        @torch.no_grad()
+        def evaluate(self, model, loader):
+            model.eval()
+            err = [float(((model(x)[:, 0] - x.mean(dim=(1, 2, 3))) ** 2).sum()) for x, _ in loader]
+            return {"mse": sum(err) / len(loader.dataset)}
+
+        def epoch_fields(self, metrics, ema=False):
+            return {("ema_mse" if ema else "val_mse"): metrics["mse"]}
+
+        def summary_fields(self, metrics):
+            return {"val_mse": metrics["mse"]}
+
+    register_task(MeanPixel)
+    yield MeanPixel
+    del TASKS[MeanPixel.name]
+
+
+def _train_here(run_dir, tag, quiet, threads, running, gpu):
+    """The arena's child process, in this process: a toy task registered by a test is known here only."""
+    from mixlab.config import load_run_config
+    from mixlab.engine.trainer import train
+    train(load_run_config(run_dir), run_dir=run_dir, resume=True)
+    return 0
+
+
+def test_an_arena_ranks_by_its_tasks_metric_lower_is_better(tmp_path, monkeypatch, mean_pixel_task):
+    """``--set task=...`` of a task with a "min" metric: per-seed values, means and curves are the metric's,
+    the lowest mean ranks first, the table says the metric's label, the gap to the leader is tested on it,
+    and the speed probe times the task's own step on its synthetic batch."""
+    from scipy import stats
+
+    from mixlab.arena import runner
+
+    monkeypatch.setattr(runner, "train_in_child", _train_here)
+    out = tmp_path / "toy"
+    models = [TINY, "spec:patch4 / dwconv:1x16:kernel=3"]
+    s = ArenaSettings(models=models, epochs=2, seeds=2, out=str(out), batch_size=32,
+                      overrides=["task=test_arena_mean_pixel", "data.limit_train=128", "data.limit_val=64"])
+    result = run_arena(s, quiet=True)
+    assert result["failed"] == []
+    data = json.loads((out / "results.json").read_text())
+    assert data["metric"] == {"key": "val_mse", "label": "validation MSE", "mode": "min", "unit": "", "fmt": ".4f"}
+    assert data["config"]["task"] == "test_arena_mean_pixel"
+    results = {r["model"]: r for r in data["results"]}
+    for m in models:
+        r = results[m]
+        runs = [out / "runs" / runner.model_slug(m) / f"seed{k}" for k in (0, 1)]
+        sums = [json.loads((d / "summary.json").read_text()) for d in runs]
+        assert r["val_mse"] == [sm["val_mse"] for sm in sums] and "top1" not in r
+        assert r["val_mse_mean"] == pytest.approx(sum(r["val_mse"]) / 2)
+        assert r["best_val_mse_mean"] == pytest.approx(sum(sm["best_val_mse"] for sm in sums) / 2)
+        rows = [json.loads(x) for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+        assert r["curves"]["0"] == [[row["epoch"], row["val_mse"]] for row in rows if "val_mse" in row]
+        assert len(r["curves"]["0"]) == 2
+        assert r["train_images_per_s"] > 0 and r["infer_images_per_s"] > 0 and "train_speed_note" not in r
+    # the probe's training step: the task's loss on its synthetic batch (2 warm-up and at least 3 timed, per model)
+    assert [tuple(b[0].shape) for b in mean_pixel_task.synthetic] == [(32, 1, 28, 28)] * 2
+    assert mean_pixel_task.synthetic_steps >= 10
+    order = sorted(models, key=lambda m: results[m]["val_mse_mean"])  # ascending: lower is better
+    md = (out / "leaderboard.md").read_text()
+    header, *_ = [line for line in md.splitlines() if line.startswith("| rank")]
+    assert "| validation MSE |" in header and "top-1" not in md
+    table = [line for line in md.split("Against the leader")[0].splitlines() if line.startswith("| 1 ")
+             or line.startswith("| 2 ")]
+    assert [line.split(" | ")[1] for line in table] == [runner.model_label(m) for m in order]
+    p = stats.ttest_ind(results[order[1]]["val_mse"], results[order[0]]["val_mse"], equal_var=False).pvalue
+    assert f"Against the leader, {runner.model_label(order[0])}: Welch's t-test on the validation MSE" in md
+    assert (f"{p:.3f}" if p >= 0.001 else "< 0.001") in md.split("Against the leader")[1]
+
+    # a task that cannot take a step on random data: the model alone is timed, and the report says so
+    (out / "speed.json").unlink()
+    monkeypatch.setattr(mean_pixel_task, "synthetic_batch", lambda self, n, info: (_ for _ in ()).throw(
+        RuntimeError("needs its data")))
+    run_arena(ArenaSettings(**{**s.__dict__, "models": models[:1]}), quiet=True)
+    r = json.loads((out / "results.json").read_text())["results"][0]
+    assert r["train_images_per_s"] > 0 and "RuntimeError: needs its data" in r["train_speed_note"]
+    assert "timed as the model alone" in (out / "leaderboard.md").read_text()

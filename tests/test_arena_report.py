@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from mixlab.arena.report import _fmt_gmacs, _fmt_top1, write_report
+from mixlab.arena.report import _fmt_gmacs, _fmt_metric, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 WEIRD = 'spec:patch2 / convnext:2x32, "fast" / attention:2x64:heads=2 <b>'
@@ -130,7 +130,8 @@ def test_html_is_self_contained_and_escaped(report):
 def test_results_json(report):
     out, _ = report
     data = json.loads((out / "results.json").read_text())
-    assert data == {"config": CONFIG, "environment": ENV, "results": _results()}
+    assert data == {"config": CONFIG, "environment": ENV, "results": _results(),
+                    "metric": {"key": "top1", "label": "top-1", "mode": "max", "unit": "%", "fmt": ".2f"}}
 
 
 def test_no_temporary_files_left(report):
@@ -187,7 +188,7 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     ({"top1_mean": None, "top1_std": None, "finished_seeds": []}, "\u2014"),
 ])
 def test_top1_formatting(r, expected):
-    assert _fmt_top1(r) == expected
+    assert _fmt_metric(r) == expected  # classification's top-1 by default
 
 
 def test_gmacs_formatting():
@@ -250,3 +251,56 @@ def test_the_gap_to_the_leader_is_tested_over_seeds(tmp_path):
     one[0]["top1_mean"] = 99.0
     write_report(tmp_path / "one", one, CONFIG, ENV)
     assert "Welch" not in (tmp_path / "one" / "leaderboard.md").read_text()
+
+
+def test_a_lower_is_better_metric_ranks_ascending_and_names_itself_everywhere(tmp_path):
+    """A task's "min" metric (a toy regression's validation MSE): the lowest mean ranks first, the tables and
+    plots name the metric by its label, values print in its format, Welch's p and the gap are computed on its
+    per-seed values, the CSV's columns are named by its key and results.json records it."""
+    from scipy import stats
+
+    from mixlab.arena.report import rank, read_metric
+    from mixlab.engine.tasks import Metric
+
+    mse = Metric("val_mse", "validation MSE", "min", "", ".4f")
+
+    def entry(name, values):
+        r = _seeded(name, [])
+        for k in ("top1", "top1_mean", "top1_std", "best_top1_mean"):
+            r.pop(k)
+        mean = sum(values) / len(values)
+        return {**r, "finished_seeds": [0, 1, 2], "val_mse": values, "val_mse_mean": mean,
+                "val_mse_std": stats.tstd(values), "best_val_mse_mean": min(values) - 0.001,
+                "curves": {"0": [[1, values[0] + 0.1], [2, values[0]]]}}
+
+    low, high, mid = [0.0101, 0.0103, 0.0102], [0.0530, 0.0510, 0.0550], [0.0201, 0.0199, 0.0204]
+    results = [entry("high", high), entry("low", low), entry("mid", mid)]
+    assert [r["model"] for r in rank(results, mse)] == ["low", "mid", "high"]
+    assert [r["model"] for r in rank(results, Metric("val_mse", "x", "max"))] == ["high", "mid", "low"]
+    paths = write_report(tmp_path, results, {**CONFIG, "task": "toy"}, ENV, metric=mse)
+    text = (tmp_path / "leaderboard.md").read_text()
+    assert text.startswith("task: toy · data: cifar10")
+    header, rows = _md_rows(text.split("Against the leader")[0])
+    assert header[2] == "validation MSE" and "top-1 %" not in text
+    assert [r[1] for r in rows] == ["low", "mid", "high"] and [r[0] for r in rows] == ["1", "2", "3"]
+    assert rows[0][2] == f"{sum(low) / 3:.4f} \u00b1 {stats.tstd(low):.4f}"
+    section = text.split("Against the leader")[1]
+    assert section.startswith(", low: Welch's t-test on the validation MSE of the finished seeds")
+    assert "| model | gap to #1 (validation MSE) | p (Welch's t-test) | seeds (model / #1) |" in section
+    gaps = {c[0]: c[1:] for c in ([x.strip() for x in line.strip("|").split("|")]
+                                  for line in section.splitlines() if line.startswith("| ") and "gap" not in line)}
+    for name, values in (("mid", mid), ("high", high)):
+        p = stats.ttest_ind(values, low, equal_var=False).pvalue
+        assert gaps[name][0] == f"{sum(values) / 3 - sum(low) / 3:+.4f}"  # positive: worse than the leader
+        assert gaps[name][1] == (f"{p:.3f}" if p >= 0.001 else "< 0.001")
+    with open(tmp_path / "leaderboard.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == ["low", "mid", "high"]
+    assert [float(x) for x in rows[0]["val_mse_per_seed"].split(";")] == low and "top1_mean" not in rows[0]
+    data = json.loads(open(paths["json"]).read())
+    assert read_metric(data) == mse and read_metric({"results": []}).key == "top1"  # older files: top-1
+    page = (tmp_path / "index.html").read_text()
+    assert "<th>validation MSE</th>" in page and "top-1" not in page
+    from mixlab.arena.report import _ylabel
+    assert _ylabel(mse) == "validation MSE (lower is better)"
+    assert _ylabel(Metric("top1", "top-1", "max", "%")) == "val top-1 (%)"

@@ -188,3 +188,26 @@ def test_compare_arenas_reads_each_arms_runs_and_tests_them_against_the_first(tm
     assert "soft: 1 run(s) not finished, left out" in out
     with pytest.raises(SystemExit, match="no runs of 'deit'"):
         compare_arenas.table([("scratch", tmp_path / "scratch")], "deit")
+
+
+def test_compare_arenas_uses_the_metric_the_arenas_record(tmp_path):
+    """Arenas of a task with another metric (results.json's ``metric``): its key is read from the summaries,
+    its label heads the column and its format prints the values; arms of different metrics are refused."""
+    import compare_arenas
+
+    metric = {"key": "val_mse", "label": "validation MSE", "mode": "min", "unit": "", "fmt": ".4f"}
+    for label, values in {"a": [0.0101, 0.0103], "b": [0.0201, 0.0205]}.items():
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "results.json").write_text(json.dumps({"metric": metric, "results": []}))
+        for seed, v in enumerate(values):
+            run = tmp_path / label / "runs" / "vit" / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "summary.json").write_text(json.dumps({"val_mse": v, "top1": 50.0}))
+    lines = compare_arenas.table([("a", tmp_path / "a"), ("b", tmp_path / "b")], "vit").splitlines()
+    assert lines[0] == "| arm | seed 0 | seed 1 | validation MSE | vs a | p (Welch) |"
+    assert lines[3].split(" | ")[:5] == ["| b", "0.0201", "0.0205", "0.0203 ± 0.0003", "+0.0101"]
+    run = tmp_path / "c" / "runs" / "vit" / "seed0"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"top1": 50.0}))
+    with pytest.raises(SystemExit, match="ranks by 'top-1', the first arm's by 'validation MSE'"):
+        compare_arenas.table([("a", tmp_path / "a"), ("c", tmp_path / "c")], "vit")

@@ -75,7 +75,7 @@ def test_a_section_round_trips_through_config_yaml(toy, tmp_path):
     run.mkdir()
     cfg.save(run / RUN_CONFIG)
     saved = yaml.safe_load((run / RUN_CONFIG).read_text())
-    assert list(saved)[list(saved).index("log") + 1:][:2] == ["distill", "toy"]  # after the fixed sections
+    assert list(saved)[list(saved).index("log") + 1:][:3] == ["distill", "mim", "toy"]  # after the fixed sections
     assert saved["toy"] == {"strength": 0.5, "mode": "plain", "label": "x", "steps": 3, "shuffle": "auto"}
     again = load_run_config(run)
     assert again == cfg and again.toy == ToyConfig(strength=0.5, label="x")

@@ -1,6 +1,14 @@
 """``mixlab arena``: train a line-up of models under one recipe, data, budget and seeds, and
 report how they compare.
 
+The comparison is by the metric of the arena's task (``cfg.task``, ``--set task=...``; its
+:class:`~mixlab.engine.tasks.Metric`): top-1 % for classification and distillation, a reconstruction
+loss for masked image modeling, AP for detection, each the same command and the same report. Each run's
+``summary.json`` gives its final value (a run without it is refused), the metrics rows give the curves,
+and models rank by the mean over the finished seeds, highest first for a "max" metric and lowest first
+for a "min" one. The results' fields are named by the metric's key (``top1_mean``, ``val_loss_mean``)
+and ``results.json`` records the metric itself (:mod:`mixlab.arena.report`).
+
 Layout of an arena directory::
 
     arena.json                    the arena's settings (a rerun must match them)
@@ -16,10 +24,12 @@ or ``jobs`` at a time (``--jobs``), each child then with ``cores / jobs`` CPU th
 models use two cores poorly, so two runs side by side finish sooner than one after the other.
 
 Speed is measured apart from the runs, once per model, between runs (with ``jobs`` > 1:
-after the last run, when nothing else is training): images per second of inference and of a
-training step (forward, backward, AdamW) on random data at the arena's batch and image size,
-so that a long run slowed down for a while by other work on the machine does not distort the
-table. Delete ``speed.json`` and rerun to measure again.
+after the last run, when nothing else is training): images per second of inference (the model's
+forward pass) and of a training step of the task (its loss of its ``synthetic_batch``, backward,
+AdamW: for classification forward, cross-entropy, backward, AdamW) on random data at the arena's batch
+and image size, so that a long run slowed down for a while by other work on the machine does not
+distort the table. A task that cannot take a step on random data has the model alone timed instead,
+with a note in ``speed.json`` and the report. Delete ``speed.json`` and rerun to measure again.
 """
 from __future__ import annotations
 
@@ -38,10 +48,10 @@ from typing import NamedTuple
 
 from ..config import RUN_CONFIG, Config, ConfigError, build_config
 from ..engine.metrics import MetricsLog
+from ..engine.tasks import ClassificationTask
 from ..fileio import DirectoryBusy, DirectoryLock, write_atomic
 from ..engine.trainer import model_slug
 from ..models.nano import LINE_UPS
-from ..runs import check_class_scores
 from ..version import __version__
 
 #: what ``mixlab arena`` trains when no model is named: the eight families of the seeds' argument
@@ -52,6 +62,12 @@ DIGITS_EPOCHS = 5
 MIN_IMG_SIZE = 28
 
 ARENA_FILE = "arena.json"
+#: the metric of arenas that name none (classification's): what results written before tasks had metrics hold
+_TOP1 = ClassificationTask.metric
+#: the fields of a leaderboard entry besides those named by the metric's key (which must not be one of them)
+_RESERVED = {"model", "label", "params", "gmacs", "seeds", "finished_seeds", "train_images_per_s",
+             "infer_images_per_s", "run_train_images_per_s", "peak_memory_mb", "peak_memory_kind", "wall_s",
+             "curves", "status", "train_speed_note"}
 
 
 @dataclass
@@ -293,39 +309,14 @@ def _tail(path: Path, n: int = 6) -> str:
 
 
 # -- measurements ----------------------------------------------------------------------------
-def measure_speed(model_name: str, img_size: int, in_chans: int, num_classes: int, device: str = "cpu",
-                  batch_size: int = 64, min_time: float = 1.0, train: bool = False) -> float:
-    """Images per second of inference (eval mode, no gradients) or, with ``train``, of a
-    training step (forward, cross-entropy, backward, AdamW step) on random data: a warm-up,
-    then batches until ``min_time`` seconds have passed (at least 3); the median batch counts."""
+def _images_per_s(step, batch_size: int, device, min_time: float, context=None) -> float:
+    """Images per second of ``step`` (one batch of ``batch_size``): two warm-up calls, then calls until
+    ``min_time`` seconds have passed (at least 3, at most 200); the median call counts."""
     import torch
 
-    from ..factory import create_model
-    dev = torch.device(device)
-    torch.manual_seed(0)
-    model = create_model(model_name, img_size=img_size, in_chans=in_chans, num_classes=num_classes).to(dev)
-    x = torch.randn(batch_size, in_chans, img_size, img_size, device=dev)
-    y = torch.randint(0, num_classes, (batch_size,), device=dev)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    if train:
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step():
-            out = model(x)
-            loss = torch.nn.functional.cross_entropy(out[0] if isinstance(out, tuple) else out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        context = contextlib.nullcontext()
-    else:
-        model.eval()
-
-        def step():
-            model(x)
-        context = torch.inference_mode()
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     times: list[float] = []
-    with context:
+    with context or contextlib.nullcontext():
         for _ in range(2):
             step()
         sync()
@@ -340,42 +331,156 @@ def measure_speed(model_name: str, img_size: int, in_chans: int, num_classes: in
     return batch_size / statistics.median(times)
 
 
-def _curve(run_dir: Path) -> list[list[float]]:
-    """[epoch, val top-1] of every evaluated epoch of a run so far."""
-    return [[r["epoch"], r["top1"]] for r in MetricsLog(run_dir).rows if "top1" in r]
+def measure_speed(model_name: str, img_size: int, in_chans: int, num_classes: int, device: str = "cpu",
+                  batch_size: int = 64, min_time: float = 1.0, train: bool = False,
+                  model_kwargs: dict | None = None) -> float:
+    """Images per second of the model alone: inference (eval mode, no gradients) or, with ``train``, a
+    training step of a classifier (forward, cross-entropy on random labels, backward, AdamW step) on random
+    data; the median of a timed loop (:func:`_images_per_s`). ``model_kwargs``: further ``create_model``
+    arguments. The arena times a task's own training step with :func:`task_train_speed`."""
+    import torch
+
+    from ..factory import create_model
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model = create_model(model_name, **{**(model_kwargs or {}), "img_size": img_size, "in_chans": in_chans,
+                                        "num_classes": num_classes}).to(dev)
+    x = torch.randn(batch_size, in_chans, img_size, img_size, device=dev)
+    if not train:
+        model.eval()
+        return _images_per_s(lambda: model(x), batch_size, dev, min_time, torch.inference_mode())
+    y = torch.randint(0, max(num_classes, 1), (batch_size,), device=dev)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        out = model(x)
+        loss = torch.nn.functional.cross_entropy(out[0] if isinstance(out, tuple) else out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return _images_per_s(step, batch_size, dev, min_time)
 
 
-def collect(model: str, seeds: list[int], runs: Path, speed: dict, failures: dict) -> dict:
-    """One leaderboard entry from the run directories of ``model``."""
+def task_train_speed(cfg: Config, device: str = "cpu", batch_size: int | None = None,
+                     min_time: float = 1.0) -> float:
+    """Images per second of a training step of the run ``cfg`` describes, as its task takes one: the task
+    is built as the trainer builds it (its data, the model of ``task.model_kwargs``, its backbone frozen for
+    ``model.freeze: backbone``, the module ``task.setup`` returns), then each step is the task's ``loss`` of
+    its ``synthetic_batch`` (random data of the training loader's shape), backward and an AdamW step on the
+    trainable parameters. For classification that is forward, cross-entropy (with the recipe's label
+    smoothing), backward, AdamW, as before tasks had their own metric. Raises whatever the task raises where
+    it cannot take a step on random data (the caller falls back to :func:`measure_speed`); what the task
+    prints while it loads is kept off the terminal."""
+    import io
+
+    import torch
+
+    from ..engine.distributed import DistInfo
+    from ..engine.finetune import freeze_backbone
+    from ..engine.tasks import build_task
+    from ..factory import create_model
+    dev = torch.device(device)
+    n = batch_size or cfg.train.batch_size
+    torch.manual_seed(0)
+    task = build_task(cfg, DistInfo(device=dev))
+    with contextlib.redirect_stdout(io.StringIO()):  # e.g. a distillation teacher's top-1, measured in setup
+        info = task.build_data(with_train=True).info
+        model = create_model(cfg.model.name, **task.model_kwargs(info)).to(dev)
+        frozen = freeze_backbone(model) if cfg.model.freeze == "backbone" else []  # a linear probe's step
+        module = task.setup(model)
+    module.train()
+    for m in frozen:  # as the trainer keeps them: fixed features
+        m.eval()
+    batch = task.synthetic_batch(n, info)
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        loss, _ = task.loss(module, batch, 0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return _images_per_s(step, n, dev, min_time)
+
+
+def arena_metric(base: Config):
+    """The metric that ranks an arena: its task's (``cfg.task``; top-1 for classification and distillation)."""
+    from ..engine.tasks import get_task
+    return get_task(base.task).metric
+
+
+def _curve(run_dir: Path, key: str) -> list[list[float]]:
+    """[epoch, value of the metric ``key``] of every evaluated epoch of a run so far."""
+    return [[r["epoch"], r[key]] for r in MetricsLog(run_dir).rows if r.get(key) is not None]
+
+
+def _check_run_task(run_dir: Path, metric) -> None:
+    """Refuse, with a ConfigError that says why, a run whose task (its config.yaml's) this mixlab does not know
+    or is not ranked by the arena's ``metric``: its numbers would be compared with others of another kind."""
+    from ..config import load_run_config
+    from ..engine.tasks import TASKS
+    name = load_run_config(run_dir).task
+    task = TASKS.get(name)
+    if task is None:
+        raise ConfigError(f"{run_dir} is a run of the task {name!r}, which this mixlab does not know (known tasks: "
+                          f"{', '.join(sorted(TASKS))}); the arena ranks runs by their task's metric")
+    if task.metric.key != metric.key:
+        raise ConfigError(f"{run_dir} is a run of the task {name!r}, judged by {task.metric.label}; the arena ranks "
+                          f"by {metric.label}, its own task's metric")
+
+
+def _metric_of(run_dir: Path, summary: dict, metric) -> float:
+    """The final value of ``metric`` in a finished run's summary; a ConfigError where it has none (the run
+    is of another task than the arena's, or its task does not write its metric's key into summary.json)."""
+    if summary.get(metric.key) is None:
+        raise ConfigError(f"{run_dir / 'summary.json'} has no {metric.key!r} ({metric.label}, the metric the arena "
+                          f"ranks by for its task {summary.get('task', 'classification')!r}); the arena compares "
+                          f"runs of one task that record their metric")
+    return summary[metric.key]
+
+
+def collect(model: str, seeds: list[int], runs: Path, speed: dict, failures: dict, metric=None) -> dict:
+    """One leaderboard entry from the run directories of ``model``; ``metric`` (a Task's :class:`Metric`,
+    default classification's top-1) names the fields: ``<key>`` (per finished seed), ``<key>_mean``,
+    ``<key>_std``, ``best_<key>_mean``, and the curves' values."""
+    metric = metric or _TOP1
+    key = metric.key
+    if key in _RESERVED:
+        raise ConfigError(f"the metric key {key!r} is a field name of the arena's results; name the metric otherwise")
     slug = model_slug(model)
-    summaries, curves = {}, {}
+    summaries, curves, values = {}, {}, {}
     for s in seeds:
         rd = runs / slug / f"seed{s}"
         if (rd / "summary.json").exists():
-            check_class_scores(rd, "the arena")  # it compares top-1 accuracies
+            _check_run_task(rd, metric)
             summaries[s] = json.loads((rd / "summary.json").read_text())
-        curves[str(s)] = _curve(rd)
+            values[s] = _metric_of(rd, summaries[s], metric)
+        curves[str(s)] = _curve(rd, key)
     done = [s for s in seeds if s in summaries]
-    top1 = [summaries[s]["top1"] for s in done]
+    per_seed = [values[s] for s in done]
     first = summaries[done[0]] if done else {}
 
-    def mean(key):
-        vals = [summaries[s][key] for s in done if summaries[s].get(key) is not None]
+    def mean(field):
+        vals = [summaries[s][field] for s in done if summaries[s].get(field) is not None]
         return statistics.fmean(vals) if vals else None
 
     status = "done" if len(done) == len(seeds) else f"{len(done)}/{len(seeds)} seeds"
     if model in failures:
         status = f"failed: {failures[model]}"
     mem = [summaries[s]["peak_memory_mb"] for s in done if summaries[s].get("peak_memory_mb") is not None]
-    return {"model": model, "label": model_label(model), "params": first.get("params"), "gmacs": first.get("gmacs"),
-            "seeds": seeds, "finished_seeds": done, "top1": top1,
-            "top1_mean": statistics.fmean(top1) if top1 else None,
-            "top1_std": (statistics.stdev(top1) if len(top1) > 1 else 0.0) if top1 else None,
-            "best_top1_mean": mean("best_top1"), "train_images_per_s": (speed.get(model) or {}).get("train"),
-            "infer_images_per_s": (speed.get(model) or {}).get("infer"),
-            "run_train_images_per_s": mean("train_images_per_s"), "peak_memory_mb": max(mem) if mem else None,
-            "peak_memory_kind": first.get("peak_memory_kind"), "wall_s": mean("wall_s"),
-            "curves": curves, "status": status}
+    got = speed.get(model) or {}
+    entry = {"model": model, "label": model_label(model), "params": first.get("params"), "gmacs": first.get("gmacs"),
+             "seeds": seeds, "finished_seeds": done, key: per_seed,
+             f"{key}_mean": statistics.fmean(per_seed) if per_seed else None,
+             f"{key}_std": (statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0) if per_seed else None,
+             f"best_{key}_mean": mean(f"best_{key}"), "train_images_per_s": got.get("train"),
+             "infer_images_per_s": got.get("infer"),
+             "run_train_images_per_s": mean("train_images_per_s"), "peak_memory_mb": max(mem) if mem else None,
+             "peak_memory_kind": first.get("peak_memory_kind"), "wall_s": mean("wall_s"),
+             "curves": curves, "status": status}
+    if got.get("train_note"):  # the task's own training step could not be timed (speed.json says why)
+        entry["train_speed_note"] = got["train_note"]
+    return entry
 
 
 # -- the arena -------------------------------------------------------------------------------
@@ -470,14 +575,15 @@ class ArenaRun:
             interrupted = True
             self.say("\ninterrupted: writing the report of what has finished; rerun the same command to continue")
         speed = {m: self.speed_all[_speed_key(m, base)] for m in s.models if self.speed_all.get(_speed_key(m, base))}
-        results = [collect(m, self.seeds, self.runs, speed, self.failures) for m in s.models]
-        config = {"models": s.models, "data": base.data.name, "img_size": base.data.img_size,
+        metric = arena_metric(base)
+        results = [collect(m, self.seeds, self.runs, speed, self.failures, metric) for m in s.models]
+        config = {"models": s.models, "task": base.task, "data": base.data.name, "img_size": base.data.img_size,
                   "epochs": base.train.epochs, "batch_size": base.train.batch_size, "seeds": self.seeds,
                   "recipe": base.recipe,
                   "jobs": s.jobs,  # of this invocation; each run's train.log says how many CPU threads it had
                   "train_config": shared["train_config"],
                   "command": " ".join(["mixlab", "arena", *sys.argv[2:]]) if sys.argv[1:2] == ["arena"] else None}
-        report = write_report(out, results, config, environment(base.train.device))
+        report = write_report(out, results, config, environment(base.train.device), metric=metric)
         self.say(f"arena: {time.time() - t0:.0f} s; report: {Path(report['html']).resolve()}")
         if interrupted:
             raise KeyboardInterrupt
@@ -541,6 +647,8 @@ class ArenaRun:
         if self.s.measure_speed and key not in self.speed_all:  # once per model, on a machine that is not training
             got = _speed_of(model, self.runs, self.seeds, self.base)
             if got is not None:  # None: no finished run of the model yet to take the input size from
+                if got.get("train_note"):
+                    self.say(f"arena: speed of {model_label(model)}: {got['train_note']}")
                 self.speed_all[key] = got
                 write_atomic(self.speed_file, json.dumps(self.speed_all, indent=2) + "\n")
 
@@ -611,19 +719,36 @@ class ArenaRun:
 
 
 def _speed_key(model: str, base: Config) -> str:
-    return f"{model}|{base.data.img_size}|{base.train.batch_size}|{base.train.device}"
+    """speed.json's key of a model's figures: what they depend on (a training step also on the task: a task
+    other than classification adds its name, so that figures measured before tasks existed stay valid)."""
+    key = f"{model}|{base.data.img_size}|{base.train.batch_size}|{base.train.device}"
+    return key if base.task == "classification" else f"{key}|{base.task}"
 
 
 def _speed_of(model: str, runs: Path, seeds: list[int], base: Config) -> dict | None:
-    """Inference and training images/s at the input the runs saw (channels and classes from
-    their summary), at the arena's batch size."""
+    """Inference and training images/s at the input the runs saw, at the arena's batch size, on the device a
+    finished run trained on: inference is the model's forward pass (channels and classes from the run's
+    summary); training is the run's task's own step (:func:`task_train_speed`, from the run's configuration).
+    Where the task cannot take a step on random data, the model alone is timed as a classifier and
+    ``train_note`` says so and why."""
+    from ..config import load_run_config
     for seed in seeds:
-        path = runs / model_slug(model) / f"seed{seed}" / "summary.json"
+        run_dir = runs / model_slug(model) / f"seed{seed}"
+        path = run_dir / "summary.json"
         if path.exists():
             sm = json.loads(path.read_text())
-            args = (model, sm["img_size"], sm["in_chans"], sm["num_classes"], sm.get("device", "cpu"),
-                    base.train.batch_size)
-            return {"infer": measure_speed(*args), "train": measure_speed(*args, train=True)}
+            device, batch = sm.get("device", "cpu"), base.train.batch_size
+            cfg = load_run_config(run_dir)
+            args = (model, sm["img_size"], sm["in_chans"], sm["num_classes"], device, batch)
+            got = {"infer": measure_speed(*args, model_kwargs=dict(cfg.model.kwargs))}
+            try:
+                got["train"] = task_train_speed(cfg, device, batch)
+            except Exception as e:  # noqa: BLE001 - any task's failure: the model alone is timed instead
+                why = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                got["train"] = measure_speed(*args, train=True, model_kwargs=dict(cfg.model.kwargs))
+                got["train_note"] = (f"task {cfg.task!r} could not take a training step on random data ({why}); "
+                                     f"timed as the model alone: forward, cross-entropy, backward, AdamW")
+            return got
     return None
 
 

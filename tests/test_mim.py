@@ -170,11 +170,37 @@ def test_fine_tuning_from_a_mim_run_takes_the_encoder(mim_run, tmp_path):
     assert set(tuned) - set(backbone) == {"head.fc.weight", "head.fc.bias"}
 
 
-def test_mim_run_evaluates(mim_run):
-    from mixlab.runs import evaluate_run
+def test_mim_run_evaluates_and_draws_into_the_output_folder(mim_run, tmp_path, capsys):
     run, _ = mim_run
     summary = json.loads((run / "summary.json").read_text())
-    assert evaluate_run(run)["loss"] == pytest.approx(summary["best_val_loss"], rel=1e-6)
+    assert main(["eval", str(run), "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    assert f"loss {summary['best_val_loss']:.4g}" in out and "reconstructions.png" in out
+    result = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert result["loss"] == pytest.approx(summary["best_val_loss"], rel=1e-6)
+    # the picture of the best checkpoint: the run's own of that epoch, pixel for pixel
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    best = min(rows, key=lambda row: row["val_loss"])["epoch"]
+    assert (Image.open(tmp_path / "ev" / "reconstructions.png").tobytes()
+            == Image.open(run / "pictures" / f"epoch{best:03d}.png").tobytes())
+
+
+def test_an_arena_of_mim_runs_ranks_by_reconstruction_loss(tmp_path):
+    out = tmp_path / "arena"
+    r = mixlab("arena", TINY_SWIN, TINY_VIT, "--data", "digits", "--img-size", "16", "--epochs", "1", "--no-speed",
+               "--batch-size", "16", "--set", "task=mim", "--set", "data.limit_train=64", "--set", "data.limit_val=32",
+               "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["metric"]["key"] == "val_loss" and results["metric"]["mode"] == "min"
+    losses = [m["val_loss_mean"] for m in results["results"]]
+    table = (out / "leaderboard.md").read_text()
+    assert "reconstruction loss" in table
+    rows = [line for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    first = min(zip(losses, [m["label"] for m in results["results"]]))[1]
+    assert first in rows[0]  # lower is better: the smaller loss ranks first
+    html = (out / "index.html").read_text()
+    assert "Pictures of the runs" in html and html.count("data:image/png;base64,") >= 5  # 3 plots + 2 pictures
 
 
 def test_mae_sigkill_then_resume_equals_uninterrupted(tmp_path):

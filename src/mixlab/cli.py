@@ -252,6 +252,8 @@ def add_eval_parser(sub) -> None:
     s.add_argument("--device", default="auto")
     s.add_argument("--batch-size", type=int)
     s.add_argument("--json", action="store_true")
+    s.add_argument("--out", metavar="DIR", help="also write eval.json and what the run's task draws of the model "
+                                                 "(masked image modeling: reconstructions.png) into DIR")
     s.add_argument("--allow-class-mismatch", action="store_true",
                    help="evaluate even when the data's class names differ from the ones the run was trained on "
                         "(a warning instead of an error)")
@@ -270,7 +272,7 @@ def cmd_eval(args) -> int:
         warnings.simplefilter("default")  # each warning once, as Python shows them
         r = evaluate_run(args.run, data=args.data, data_root=args.data_root, use_ema=args.ema, device=args.device,
                          batch_size=args.batch_size, allow_class_mismatch=args.allow_class_mismatch,
-                         data_preprocessing=args.data_preprocessing)
+                         data_preprocessing=args.data_preprocessing, out=args.out)
     for w in caught:
         print(f"mixlab eval: warning: {w.message}", file=sys.stderr)
     prep = r.get("preprocessing", {})
@@ -289,6 +291,8 @@ def cmd_eval(args) -> int:
         else:  # another task: its metrics as it names them
             shown = {k: v for k, v in r.items() if isinstance(v, float) and k not in ("images",)}
             print(f"{where}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+        if r.get("files"):
+            print("wrote " + ", ".join(r["files"]))
     return 0
 
 

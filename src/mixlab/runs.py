@@ -14,6 +14,7 @@ from .engine.distributed import DistInfo, init_distributed
 from .engine.ema import ModelEma
 from .engine.tasks import TASKS, get_task
 from .factory import create_model
+from .fileio import write_json
 from .weights import check_compatible, load_metadata, load_weights, metadata_config
 
 #: how many differing classes a class-name message lists
@@ -133,7 +134,7 @@ def _checkpoint_size(cfg: Config, metadata: dict, where: str) -> None:
 
 def evaluate_run(path, data: str | None = None, data_root: str | None = None, use_ema: bool = False,
                  device: str = "auto", batch_size: int | None = None, allow_class_mismatch: bool = False,
-                 data_preprocessing: bool = False) -> dict:
+                 data_preprocessing: bool = False, out=None) -> dict:
     """Evaluate a run directory or one of its checkpoints with its task's evaluation, on the
     validation split of its dataset or of ``data`` (same classes and channels). For a run
     directory: its ``best.safetensors``, or with ``use_ema`` the EMA weights of its newest checkpoint.
@@ -147,13 +148,17 @@ def evaluate_run(path, data: str | None = None, data_root: str | None = None, us
     evaluation data's own transform does, as it was then), or with ``data_preprocessing`` as the
     evaluation data's own transform prepares them. The result's ``preprocessing`` says which was used
     (``used``: ``"checkpoint"`` or ``"data"``), the configuration, and ``differences``: how the data's
-    own differs from the checkpoint's."""
+    own differs from the checkpoint's.
+
+    ``out``: a folder for what the evaluation writes: ``eval.json`` (the result) and the task's pictures of the
+    model (:meth:`Task.pictures <mixlab.engine.tasks.Task.pictures>`; masked image modeling's reconstructions);
+    the result's ``files`` lists them."""
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     run_dir, weights_path = run_weights(path, use_ema)
     if not (run_dir / RUN_CONFIG).is_file() and not Path(path).is_dir():
         return _evaluate_weights_file(weights_path, data, data_root, use_ema, device, batch_size,
-                                      allow_class_mismatch, data_preprocessing)
+                                      allow_class_mismatch, data_preprocessing, out)
     cfg = load_run_config(run_dir)
     metadata = load_metadata(weights_path)
     if data:
@@ -168,11 +173,11 @@ def evaluate_run(path, data: str | None = None, data_root: str | None = None, us
     task = get_task(cfg.task)(cfg, init_distributed(device))
     return _evaluate(task, weights_path, metadata, cfg.model.name,
                      lambda info: load_run_model(weights_path, use_ema, info=info)[0], allow_class_mismatch,
-                     data_preprocessing)
+                     data_preprocessing, out)
 
 
 def _evaluate(task, weights_path: Path, metadata: dict, model_name: str, build, allow_class_mismatch: bool,
-              data_preprocessing: bool) -> dict:
+              data_preprocessing: bool, out=None) -> dict:
     """``task``'s evaluation of the model ``build(info)`` makes from ``weights_path`` (on the CPU, in eval
     mode; ``metadata``: the file's), on the task's validation data, after checking the data against what
     the checkpoint records (:func:`check_classes`, :func:`check_preprocessing`); the images prepared with
@@ -189,16 +194,22 @@ def _evaluate(task, weights_path: Path, metadata: dict, model_name: str, build, 
         if differences:  # the checkpoint's own transform in place of the data's
             dataset.transform = recorded_prep.eval_transform(val.info.native_size)
         used = "checkpoint"
-    result = task.evaluate(build(val.info).to(task.device), val.val_loader)
+    model = build(val.info).to(task.device)
+    result = task.evaluate(model, val.val_loader)
     result.update(checkpoint=str(weights_path), data=val.info.name, model=model_name,
                   preprocessing={"used": used, **(recorded_prep if used == "checkpoint" else own).to_dict(),
                                  "differences": differences})
+    if out is not None:
+        out = Path(out)
+        pictures = [str(p) for p in task.pictures(model, out)]
+        result["files"] = [str(out / "eval.json"), *pictures]
+        write_json(out / "eval.json", result)
     return result
 
 
 def _evaluate_weights_file(weights_path: Path, data: str | None, data_root: str | None, use_ema: bool, device: str,
                            batch_size: int | None, allow_class_mismatch: bool = False,
-                           data_preprocessing: bool = False) -> dict:
+                           data_preprocessing: bool = False, out=None) -> dict:
     """Evaluate a classifier's weights file outside a run (``mixlab convert``'s output, or a checkpoint
     copied out of its run): the model its mixlab metadata names, on the validation split of ``data``."""
     metadata = load_metadata(weights_path)
@@ -230,4 +241,4 @@ def _evaluate_weights_file(weights_path: Path, data: str | None, data_root: str 
                               f"evaluate it on a dataset with its classes")
         return model.eval()
 
-    return _evaluate(task, weights_path, metadata, arch, build, allow_class_mismatch, data_preprocessing)
+    return _evaluate(task, weights_path, metadata, arch, build, allow_class_mismatch, data_preprocessing, out)

@@ -424,6 +424,16 @@ def _html(title, summary, ranked, pngs, config, environment, metric: Metric) -> 
     for name, png in pngs.items():
         b64 = base64.b64encode(png).decode("ascii")
         parts.append(f'<div><img alt="{esc(name)}" src="data:image/png;base64,{b64}"></div>')
+    drawn = [(r, Path(r["picture"])) for r in ranked if r.get("picture") and Path(r["picture"]).is_file()]
+    if drawn:  # the pictures a task draws of its runs (masked image modeling: originals, masked, reconstructed)
+        parts += ["<h2>Pictures of the runs</h2>",
+                  "<p class=\"muted\">Each model's newest picture, from its first finished seed's run "
+                  "(<code>pictures/</code> in the run directory).</p>"]
+        for r, path in drawn:
+            b64 = base64.b64encode(path.read_bytes()).decode("ascii")
+            label = str(r.get("label") or r.get("model"))
+            parts += [f"<h3>{esc(label)}: {esc(path.name)}</h3>",
+                      f'<div><img alt="{esc(label)}" src="data:image/png;base64,{b64}"></div>']
     config_yaml = yaml.safe_dump(json.loads(json.dumps(config, default=str)), sort_keys=False, allow_unicode=True)
     parts += ["<h2>Configuration</h2>", f"<pre>{esc(config_yaml)}</pre>", "<h2>Environment</h2>",
               _html_table(["", ""], [[str(k), str(v)] for k, v in environment.items()], {0, 1})]

@@ -67,7 +67,7 @@ _TOP1 = ClassificationTask.metric
 #: the fields of a leaderboard entry besides those named by the metric's key (which must not be one of them)
 _RESERVED = {"model", "label", "params", "gmacs", "seeds", "finished_seeds", "train_images_per_s",
              "infer_images_per_s", "run_train_images_per_s", "peak_memory_mb", "peak_memory_kind", "wall_s",
-             "curves", "status", "train_speed_note"}
+             "curves", "status", "train_speed_note", "picture"}
 
 
 @dataclass
@@ -480,6 +480,9 @@ def collect(model: str, seeds: list[int], runs: Path, speed: dict, failures: dic
              "curves": curves, "status": status}
     if got.get("train_note"):  # the task's own training step could not be timed (speed.json says why)
         entry["train_speed_note"] = got["train_note"]
+    pictures = sorted((runs / slug / f"seed{done[0]}" / "pictures").glob("*.png")) if done else []
+    if pictures:  # what the task draws of its runs (masked image modeling's reconstructions): the newest
+        entry["picture"] = str(pictures[-1])
     return entry
 
 

@@ -162,6 +162,12 @@ class Task:
         """The end-of-run log line's account of ``summary``."""
         return ""
 
+    def pictures(self, model: nn.Module, out_dir) -> list:
+        """Draw what the task shows of ``model`` into the folder ``out_dir`` (``mixlab eval --out``; masked
+        image modeling: its reconstructions of validation images) after :meth:`build_data`; the paths written
+        (none here). It must not draw from the global random generators."""
+        return []
+
     def epoch_end(self, model: nn.Module, epoch: int, run_dir, last: bool) -> None:
         """Called in every process after each epoch's evaluation (``epoch`` counts from 1; ``last`` for the
         run's last) with the trained module: write what the task shows of its progress into ``run_dir`` (the

@@ -139,6 +139,9 @@ class MaskedImageModeling(Task):
         return f"val reconstruction loss {summary['val_loss']:.4f} (best {summary['best_val_loss']:.4f})"
 
     # -- pictures ------------------------------------------------------------------------------
+    def pictures(self, model: nn.Module, out_dir) -> list:
+        return [write_picture(self, model, Path(out_dir) / "reconstructions.png")]
+
     def epoch_end(self, model: nn.Module, epoch: int, run_dir: Path, last: bool) -> None:
         every = self.cfg.mim.picture_every
         if every and (epoch % every == 0 or last) and self.dinfo.is_main:

@@ -497,16 +497,22 @@ def _scan_split(samples: list[tuple[str, int]], limit: int | None, seed: int, st
     return kept_samples, len(bad)
 
 
+def _folder_root(root: str | None, layout: str) -> Path:
+    """An image folder's root, which must exist; ``layout`` ends the message that says what it holds."""
+    if root is None:
+        raise DataError(f"the imagefolder dataset needs root= (`--data-root DIR`): a folder with train/ and val/ "
+                        f"subfolders{layout}")
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(f"image folder root {base} does not exist or is not a folder")
+    return base
+
+
 def _load_imagefolder(root: str | None, strict: bool, limit_train: int | None, limit_val: int | None,
                       seed: int):
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-    if root is None:
-        raise DataError("the imagefolder dataset needs root= (`--data-root DIR`): a folder with train/ and val/ "
-                        "subfolders, each holding one folder of images per class")
-    base = Path(root)
-    if not base.is_dir():
-        raise DataError(f"image folder root {base} does not exist or is not a folder")
+    base = _folder_root(root, ", each holding one folder of images per class")
     split_dirs = {split: base / split for split in ("train", "val")}
     for split, folder in split_dirs.items():
         if not folder.is_dir():
@@ -547,12 +553,7 @@ def _load_unlabelled_folder(root: str | None, strict: bool, limit_train: int | N
     tasks that learn without labels; every label is 0 and there are no classes."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    if root is None:
-        raise DataError("the imagefolder dataset needs root= (`--data-root DIR`): a folder with train/ and val/ "
-                        "subfolders of images (without labels, class folders are not needed)")
-    base = Path(root)
-    if not base.is_dir():
-        raise DataError(f"image folder root {base} does not exist or is not a folder")
+    base = _folder_root(root, " of images (without labels, class folders are not needed)")
     kept: dict[str, list[tuple[str, int]]] = {}
     skipped: dict[str, int] = {}
     for split in ("train", "val"):

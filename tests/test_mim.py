@@ -5,6 +5,9 @@ SIGKILL, fine-tuning from the run with its decoder left out) and its refusals of
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -217,6 +220,18 @@ def test_mae_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (json.loads((run / "summary.json").read_text())["val_loss"]
             == json.loads((tmp_path / "ref" / "summary.json").read_text())["val_loss"])
+
+
+def test_two_process_ddp_mae(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                        "mixlab", "pretrain", "--method", "mae", "--model", TINY_VIT, *DIGITS, "--epochs", "1",
+                        *MAE_SMALL, "--output", str(tmp_path), "--name", "ddp"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["global_batch"] == 32 and s["steps"] == 2  # 64 images, half a rank
+    assert r.stdout.count("epoch 1/1:") == 1 and (tmp_path / "ddp" / "pictures" / "epoch001.png").is_file()
 
 
 def _folder(root: Path, images: int) -> Path:

@@ -88,7 +88,7 @@ class MeanPixel(Task):
     def epoch_fields(self, metrics, ema=False):
         return {("ema_mse" if ema else "val_mse"): metrics["mse"]}
 
-    def summary_fields(self, metrics):
+    def summary_fields(self, metrics):  # names the metric otherwise: the loop adds val_mse, which the arena reads
         return {"mse": metrics["mse"]}
 
 
@@ -116,6 +116,7 @@ def test_a_registered_task_trains_resumes_exactly_and_picks_its_best_checkpoint(
     # the lowest validation error picks best.safetensors (the task's "min"), and eval measures it again
     best = json.loads((ref / "checkpoints" / "best.json").read_text())
     assert best["metric"] == summary["best_val_mse"] == min(mses)
+    assert summary["val_mse"] == summary["mse"] == mses[-1]  # the metric's key, added by the loop
     assert best["epoch"] == 1 + mses.index(min(mses))
     assert evaluate_run(ref, device="cpu")["mse"] == pytest.approx(min(mses))
     assert main(["eval", str(ref)]) == 0  # the command shows the task's own metrics

@@ -528,6 +528,8 @@ class Trainer:
                    "world_size": dinfo.world_size, "global_batch": self.global_batch, "lr": self.lr,
                    "skipped_images": info.skipped, "mean": list(info.mean), "std": list(info.std),
                    "classes": list(info.classes), "pretrained": self.pretrained, "freeze": self.cfg.model.freeze}
+        # the metric's last value under its key (what the arena reads), where summary_fields names it otherwise
+        summary.setdefault(key, task.epoch_fields(self.last_eval)[key])
         if self.ema_eval:
             summary.update(task.epoch_fields(self.ema_eval, ema=True))
         if dinfo.is_main:

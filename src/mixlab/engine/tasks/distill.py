@@ -300,10 +300,11 @@ class DistillationTask(ClassificationTask):
 
     def loss(self, model: nn.Module, batch, seed: int) -> tuple[torch.Tensor, int]:
         """DeiT's loss (:func:`distillation_loss`) of one micro-batch; the teacher sees the student's (mixed)
-        batch, or its cached logits are looked up by image index."""
+        batch, or its cached logits are looked up by image index (a batch without indices, such as the arena
+        speed probe's :meth:`synthetic_batch`, has the teacher run on it)."""
         x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
         x, targets = self.mixer(x, y, seed=seed)
-        if self.use_cache:
+        if self.use_cache and len(batch) > 2:
             if self.cache is None:
                 self.fill_cache()
             teacher_logits = self.cache[batch[2].to(self.device)]

@@ -7,19 +7,20 @@
 #   2. labelled training on 5,000 of those images (the arena recipe, 10 epochs, 3 seeds), each model from
 #      scratch, fine-tuned from each of its pretraining runs, and linearly probed from them;
 # then the tables (benchmarks/compare_arenas.py: mean ± std over seeds, Welch's p against scratch).
-# About three hours on 2 CPU cores (--jobs 2: two runs side by side, one thread each).
+# About three and a half hours on an idle 2-core CPU (--jobs 2: two runs side by side, one thread each); every arm
+# checkpoints every 200 steps, so that an interrupted one loses little.
 # Usage: bash benchmarks/mim/experiment.sh [OUT_DIR (default arena/mim)]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-arena/mim}
 models=(nano_vit nano_swin nano_convnext)
 pre=(--data fashion-mnist --img-size 32 --epochs 5 --seeds 1 --jobs 2 --batch-size 128 --set task=mim
-     --set optimizer.lr=1e-3 --set schedule.warmup_epochs=1 --set data.limit_val=2000)
+     --set optimizer.lr=1e-3 --set schedule.warmup_epochs=1 --set data.limit_val=2000 --set checkpoint.every_steps=200)
 mixlab arena "${models[@]}" "${pre[@]}" --recipe simmim --set mim.method=simmim --out "$out/pretrain-simmim"
 mixlab arena nano_vit "${pre[@]}" --recipe mae --set mim.method=mae --set mim.decoder_dim=128 \
   --set mim.decoder_depth=2 --set mim.decoder_heads=4 --out "$out/pretrain-mae"
 ft=(--data fashion-mnist --img-size 32 --epochs 10 --seeds 3 --jobs 2 --set data.limit_train=5000
-    --set train.eval_every=5)
+    --set train.eval_every=5 --set checkpoint.every_steps=200)
 mixlab arena "${models[@]}" "${ft[@]}" --out "$out/scratch"
 for m in "${models[@]}"; do
   src=$out/pretrain-simmim/runs/$m/seed0

@@ -1,6 +1,6 @@
 """MAE's encoder sees only the visible tokens, so its pretraining step costs less the more is hidden: a training
-step of MAE (mask ratio 0.75, the paper's 512-wide decoder of 8 blocks and its lightest, of 1 block; a decoder of the model's
-own width for the nano models) against a full-token
+step of MAE (mask ratio 0.75, the paper's 512-wide decoder of 8 blocks and its lightest, of 1 block; a decoder of
+the model's own width for the nano models) against a full-token
 training step of the same model (its classifier on all patches, cross-entropy), per image, side by side in
 interleaved rounds (``timing.py``). Every step is forward, loss, backward and an AdamW update.
 

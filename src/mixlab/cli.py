@@ -778,8 +778,8 @@ def cmd_scale(args) -> int:
 
 #: the commands, in the order `mixlab --help` lists them: each function adds its sub-parser
 COMMANDS = (add_list_parser, add_info_parser, add_train_parser, add_pretrain_parser, add_eval_parser,
-            add_predict_parser,
-            add_arena_parser, add_convert_parser, add_erf_parser, add_affinity_parser, add_robustness_parser, add_scale_parser, add_recipes_parser)
+            add_predict_parser, add_arena_parser, add_convert_parser, add_erf_parser, add_affinity_parser,
+            add_robustness_parser, add_scale_parser, add_recipes_parser)
 
 
 #: the exit statuses of every command (``mixlab --help`` shows them; docs/reliability.md too)

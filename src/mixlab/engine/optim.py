@@ -98,9 +98,9 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, layer_decay: 
     No weight decay is applied to: parameters with at most one dimension (norm weights,
     biases, LayerScale gammas, ...), the names returned by ``no_weight_decay()`` of the model
     and of any module inside it that has that method (prefixed with that module's name: a
-    backbone held as ``encoder`` by a task's module keeps its exclusions), and ``no_decay_names`` (a name also covers every parameter
-    of the module it names, e.g. ``"stem"``). Frozen parameters (``requires_grad=False``)
-    are left out.
+    backbone held as ``encoder`` by a task's module keeps its exclusions), and
+    ``no_decay_names`` (a name also covers every parameter of the module it names, e.g.
+    ``"stem"``). Frozen parameters (``requires_grad=False``) are left out.
 
     With ``layer_decay`` (in ``(0, 1]``), parameters are also grouped by :func:`layer_ids`,
     and the group of layer id ``i`` gets ``lr_scale = layer_decay ** (L + 1 - i)``: 1 for

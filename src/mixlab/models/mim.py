@@ -23,7 +23,6 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..layers import sincos_pos_embed_2d
 from ..mixers import Attention

@@ -5,5 +5,5 @@ from .classification import ClassificationTask
 from .distill import DistillationTask
 from .mim import MaskedImageModeling
 
-__all__ = ["Task", "Metric", "TaskData", "TASKS", "register_task", "get_task", "build_task", "autocast", "ClassificationTask",
-           "DistillationTask", "MaskedImageModeling"]
+__all__ = ["Task", "Metric", "TaskData", "TASKS", "register_task", "get_task", "build_task", "autocast",
+           "ClassificationTask", "DistillationTask", "MaskedImageModeling"]

@@ -73,6 +73,25 @@ def test_simmim_on_paper_sized_models(name, kwargs, size, mask_patch):
         assert not torch.equal(plain, module.encoder.forward_intermediates(changed, [-1])[0])
 
 
+@pytest.mark.parametrize("name", ["nano_botnet", "nano_cait", "nano_cetnet", "nano_coatnet", "nano_convit", "nano_cvt",
+                                  "nano_lrnet", "nano_pvt", "nano_mixer"])
+def test_simmim_takes_every_model_class(name):
+    """The families with a class of their own (the others are specifications, like nano_mixer): the mask token
+    enters at each one's mask_stem, and hidden pixels never reach the output."""
+    from mixlab.engine.tasks.mim import default_mask_patch
+    from mixlab.models.mim import stem_stride
+    model = create_model(name, num_classes=0, img_size=32)
+    module = SimMIM(model, mask_patch=default_mask_patch(32, stem_stride(model)))
+    x = torch.randn(2, 3, 32, 32)
+    mask = _mask(module, 2)
+    module.loss(x, module(x, mask), mask).backward()
+    assert module.mask_token.grad.abs().sum() > 0
+    with torch.no_grad():
+        module.eval()
+        hidden = module.upsample(mask, module.mask_patch).unsqueeze(1)
+        assert torch.equal(module(x + hidden * 3.0, mask), module(x, mask))
+
+
 def test_simmim_loss_is_l1_over_hidden_pixels():
     module = SimMIM(create_model(TINY_SWIN, num_classes=0, img_size=16, in_chans=1), mask_patch=4)
     x, rec = torch.randn(2, 1, 16, 16), torch.randn(2, 1, 16, 16)

@@ -151,10 +151,14 @@ class SimMIM(nn.Module):
         err = (rec.float() - x.float()).abs() * m
         return err.sum() / (m.sum() + 1e-5) / self.in_chans
 
+    def hidden_pixels(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W): 1 on the pixels ``mask`` hides."""
+        return self.upsample(mask, self.mask_patch).unsqueeze(1)
+
     def reconstruct(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the masked input as the model sees it, the reconstruction with the visible pixels pasted back) for
         pictures."""
-        m = self.upsample(mask.to(x.dtype), self.mask_patch).unsqueeze(1)
+        m = self.hidden_pixels(mask.to(x.dtype))
         rec = self(x, mask).to(x.dtype)
         return x * (1 - m), x * (1 - m) + rec * m
 
@@ -266,6 +270,10 @@ class MAE(nn.Module):
         per_patch = ((pred.float() - self.target(x)) ** 2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 
+    def hidden_pixels(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W): 1 on the pixels of the patches ``mask`` (B, N) hides."""
+        return self.unpatchify(mask.unsqueeze(-1).expand(-1, -1, self.patch_size ** 2 * self.in_chans))
+
     def reconstruct(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the masked input, the reconstruction with the visible patches pasted back) for pictures; a
         per-patch-normalised prediction is brought back to pixels with each patch's own mean and spread."""
@@ -273,6 +281,6 @@ class MAE(nn.Module):
         if self.norm_pix_loss:
             t = self.patchify(x.float())
             pred = pred * (t.var(dim=-1, keepdim=True) + 1e-6).sqrt() + t.mean(dim=-1, keepdim=True)
-        m = self.unpatchify(mask.unsqueeze(-1).expand(-1, -1, self.patch_size ** 2 * self.in_chans).to(x.dtype))
+        m = self.hidden_pixels(mask.to(x.dtype))
         rec = self.unpatchify(pred).to(x.dtype)
         return x * (1 - m), x * (1 - m) + rec * m

@@ -167,7 +167,7 @@ def write_picture(task: MaskedImageModeling, model: nn.Module, path: Path) -> Pa
     mean = torch.tensor(task.info.mean, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(task.info.std, device=x.device).view(1, -1, 1, 1)
     shown = [(t.float() * std + mean).clamp(0, 1) for t in (x, masked, rec)]
-    hidden = _hidden_pixels(module, mask, x)
+    hidden = module.hidden_pixels(mask.float())[:, :1]
     shown[1] = shown[1] * (1 - hidden) + 0.5 * hidden  # hidden patches grey
     images = torch.cat(shown).cpu()
     scale = -(-PICTURE_SIDE // images.shape[-1])  # small images shown larger, pixels as blocks
@@ -179,10 +179,3 @@ def write_picture(task: MaskedImageModeling, model: nn.Module, path: Path) -> Pa
     atomic_write(path, lambda tmp: save_image(grid, tmp, format="PNG"))
     return path
 
-
-def _hidden_pixels(module: nn.Module, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W): 1 on the hidden pixels."""
-    if isinstance(module, SimMIM):
-        return module.upsample(mask.float(), module.mask_patch).unsqueeze(1)
-    p = module.patch_size
-    return module.unpatchify(mask.float().unsqueeze(-1).expand(-1, -1, p * p * module.in_chans))[:, :1]

@@ -178,4 +178,3 @@ def write_picture(task: MaskedImageModeling, model: nn.Module, path: Path) -> Pa
         module.train()
     atomic_write(path, lambda tmp: save_image(grid, tmp, format="PNG"))
     return path
-

@@ -390,7 +390,9 @@ def add_arena_parser(sub) -> None:
     s.add_argument("models", nargs="*", metavar="MODEL",
                    help="registered names, 'spec:...' strings or spec .yaml files; 'nano' stands for the nano "
                         "line-up (the default: eight families), 'nano-zoo' for the nano models of the further "
-                        "families, 'nano-all' for both")
+                        "families, 'nano-all' for both; MODEL@simmim or MODEL@mae: the model fine-tuned from its "
+                        "own pretraining by that method (pretrained once, in the arena directory, on all the "
+                        "data's training images), MODEL@METHOD-probe: a linear probe on it")
     s.add_argument("--data", default="digits", help="digits (default, bundled) | fashion-mnist | cifar10 | "
                    "cifar100 | imagefolder")
     s.add_argument("--data-root", help="where the dataset's files are")
@@ -402,6 +404,11 @@ def add_arena_parser(sub) -> None:
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key for every run")
     s.add_argument("--out", help="report directory (default arena/DATA-EPOCHSep-SEEDSseed)")
+    s.add_argument("--pretrain-epochs", type=int, help="epochs of the pretraining of MODEL@METHOD entries "
+                   "(default: --epochs)")
+    s.add_argument("--pretrain-set", action="append", metavar="KEY=VALUE", help="set a key of the pretraining "
+                   "of MODEL@METHOD entries alone (it takes the method's recipe and the arena's data, image size, "
+                   "batch size and validation images, not the arena's other --set)")
     s.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, each with its share of "
                    "the CPU cores (default 1); small models use several cores poorly, so on a CPU two or more "
                    "side by side finish sooner; with several GPUs each run gets its own (the recipe and the "
@@ -420,7 +427,8 @@ def cmd_arena(args) -> int:
                              epochs=args.epochs, seeds=args.seeds, recipe=args.recipe, img_size=args.img_size,
                              batch_size=args.batch_size, device=args.device, overrides=args.set or [],
                              out=args.out, measure_speed=not args.no_speed, train=not args.report_only,
-                             jobs=args.jobs)
+                             jobs=args.jobs, pretrain_epochs=args.pretrain_epochs,
+                             pretrain_overrides=args.pretrain_set or [])
     try:
         result = run_arena(settings, quiet=args.quiet)
     except KeyboardInterrupt:

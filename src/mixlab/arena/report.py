@@ -156,6 +156,29 @@ def _speed_notes(ranked: list[dict]) -> list[str]:
             for r in ranked if r.get("train_speed_note")]
 
 
+PRETRAINING_HEADER = ["pretraining", "entries", "method", "epochs", "reconstruction loss", "best", "wall s"]
+PRETRAINING_TEXT = ("Entries MODEL@METHOD are fine-tuned (MODEL@METHOD-probe: linearly probed) from a pretraining "
+                    "of the model by masked image modeling, once per model and method: task mim, the method's "
+                    "recipe, all the data's training images without their labels, seed 0.")
+
+
+def _pretraining_rows(ranked: list[dict]) -> list[list[str]]:
+    """One row per pretraining the entries start from (their ``pretraining`` field): its run directory, the
+    entries that start from it, method, epochs, final and best validation reconstruction loss, wall time."""
+    runs: dict[str, list] = {}
+    for r in ranked:
+        p = r.get("pretraining")
+        if p:
+            runs.setdefault(str(p.get("run")), [p, []])[1].append(str(r.get("label") or r.get("model")))
+    rows = []
+    for run, (p, entries) in runs.items():
+        loss = lambda k: _fmt(p.get(k), ".4f")  # noqa: E731
+        rows.append([Path(run).name, ", ".join(entries), str(p.get("method", "?")), str(p.get("epochs", DASH)),
+                     loss("val_loss") if p.get("val_loss") is not None else "not finished", loss("best_val_loss"),
+                     _fmt(p.get("wall_s"), ",.0f")])
+    return rows
+
+
 def _markdown(summary: str, ranked: list[dict], metric: Metric) -> str:
     header, rows = _table_rows(ranked, metric)
     align = ["---:" if h not in ("model", "notes") else "---" for h in header]
@@ -167,6 +190,11 @@ def _markdown(summary: str, ranked: list[dict], metric: Metric) -> str:
     notes = _speed_notes(ranked)
     if notes:
         lines += [""] + [f"- {_md_cell(n)}" for n in notes]
+    pre = _pretraining_rows(ranked)
+    if pre:
+        lines += ["", PRETRAINING_TEXT, "", "| " + " | ".join(PRETRAINING_HEADER) + " |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in pre]
     against = _against_leader(ranked, metric)
     if against and against[1]:
         lines += ["", _against_text(against[0], metric), "", "| " + " | ".join(against_header(metric)) + " |",
@@ -416,6 +444,10 @@ def _html(title, summary, ranked, pngs, config, environment, metric: Metric) -> 
     specs = [(str(r.get("label")), str(r.get("model"))) for r in ranked if r.get("label") != r.get("model")]
     if specs:
         parts += ["<h2>Models</h2>", _html_table(["label", "model"], [list(s) for s in specs], {0, 1})]
+    pre = _pretraining_rows(ranked)
+    if pre:
+        parts += ["<h2>Pretraining</h2>", f"<p>{esc(PRETRAINING_TEXT)}</p>",
+                  _html_table(PRETRAINING_HEADER, pre, {0, 1, 2})]
     against = _against_leader(ranked, metric)
     if against and against[1]:
         parts += ["<h2>Seeds: is the gap real?</h2>", f"<p>{esc(_against_text(against[0], metric))}</p>",
@@ -427,8 +459,9 @@ def _html(title, summary, ranked, pngs, config, environment, metric: Metric) -> 
     drawn = [(r, Path(r["picture"])) for r in ranked if r.get("picture") and Path(r["picture"]).is_file()]
     if drawn:  # the pictures a task draws of its runs (masked image modeling: originals, masked, reconstructed)
         parts += ["<h2>Pictures of the runs</h2>",
-                  "<p class=\"muted\">Each model's newest picture, from its first finished seed's run "
-                  "(<code>pictures/</code> in the run directory).</p>"]
+                  "<p class=\"muted\">Each model's newest picture, from its first finished seed's run, or for an "
+                  "entry MODEL@METHOD that draws none from its pretraining (<code>pictures/</code> in the run "
+                  "directory).</p>"]
         for r, path in drawn:
             b64 = base64.b64encode(path.read_bytes()).decode("ascii")
             label = str(r.get("label") or r.get("model"))
@@ -452,7 +485,9 @@ def write_report(out_dir, results: list[dict], config: dict, environment: dict,
     ``label``, ``params``, ``gmacs``, ``seeds``, ``finished_seeds``, ``K`` (the metric per finished seed),
     ``K_mean``, ``K_std``, ``best_K_mean``, ``train_images_per_s``, ``infer_images_per_s``,
     ``peak_memory_mb``, ``peak_memory_kind``, ``wall_s``, ``curves`` ({seed: [[epoch, value], ...]}),
-    ``status`` and, where the training speed is not the task's own step, ``train_speed_note``; any
+    ``status`` and, where the training speed is not the task's own step, ``train_speed_note``; an entry
+    ``MODEL@METHOD`` has ``pretraining`` (``run``, ``method``, ``epochs``, ``val_loss``, ``best_val_loss``,
+    ``wall_s``, ``probe``), listed in a table of its own; any
     measurement may be ``None``. ``config`` is the arena's JSON-able settings and ``environment`` a flat
     dict of strings. ``results.json`` records the metric once (``metric``: key, label, mode, unit, fmt).
     The returned dict maps ``markdown``, ``csv``, ``html``, ``json``, ``overview`` and ``plots``

@@ -13,6 +13,7 @@ Layout of an arena directory::
 
     arena.json                    the arena's settings (a rerun must match them)
     runs/<model>/seed<k>/         one training run each (config.yaml, checkpoints, metrics, summary.json)
+    pretrain/<model>-<method>/    the pretraining entries MODEL@METHOD start from (mixlab.arena.pretrain)
     speed.json                    inference and training throughput per model, measured once
     leaderboard.md / .csv, *.png, index.html, results.json    the report
 
@@ -53,6 +54,8 @@ from ..fileio import DirectoryBusy, DirectoryLock, write_atomic
 from ..engine.trainer import model_slug
 from ..models.nano import LINE_UPS
 from ..version import __version__
+from .pretrain import (check_pretraining, first_difference, parse_entry, prepare_dir, pretrain_config,
+                       pretrain_dir, pretraining_summary)
 
 #: what ``mixlab arena`` trains when no model is named: the eight families of the seeds' argument
 DEFAULT_MODELS = LINE_UPS["nano"]
@@ -67,7 +70,7 @@ _TOP1 = ClassificationTask.metric
 #: the fields of a leaderboard entry besides those named by the metric's key (which must not be one of them)
 _RESERVED = {"model", "label", "params", "gmacs", "seeds", "finished_seeds", "train_images_per_s",
              "infer_images_per_s", "run_train_images_per_s", "peak_memory_mb", "peak_memory_kind", "wall_s",
-             "curves", "status", "train_speed_note", "picture"}
+             "curves", "status", "train_speed_note", "picture", "pretraining"}
 
 
 @dataclass
@@ -88,14 +91,19 @@ class ArenaSettings:
     measure_speed: bool = True
     train: bool = True              # False: train nothing, report what has finished
     jobs: int = 1                   # runs trained at the same time (each with cores / jobs CPU threads)
+    pretrain_epochs: int | None = None   # entries MODEL@METHOD: epochs of their pretraining (None: ``epochs``)
+    pretrain_overrides: list[str] = field(default_factory=list)  # ... and keys set for it alone
 
 
 def expand_models(names) -> list[str]:
     """Model arguments to model names: ``nano`` stands for the default line-up, ``nano-zoo`` for
-    the further families' nano models, ``nano-all`` for both; duplicates go."""
+    the further families' nano models, ``nano-all`` for both, each also with a pretraining
+    (``nano@simmim``: every nano model fine-tuned from its SimMIM pretraining); duplicates go."""
     out: list[str] = []
     for n in names or ["nano"]:
-        for m in LINE_UPS.get(n, [n]):
+        group, at, suffix = n.partition("@")
+        for m in LINE_UPS.get(group, [group]) if group in LINE_UPS else [n]:
+            m = f"{m}{at}{suffix}" if group in LINE_UPS else m
             if m not in out:
                 out.append(m)
     return out
@@ -111,7 +119,8 @@ def model_label(name: str) -> str:
 
 def base_config(s: ArenaSettings) -> Config:
     """The training configuration every run shares (the model name is the first model's)."""
-    flags: dict = {"model": {"name": s.models[0]}, "data": {"name": s.data}, "train": {"device": s.device}}
+    flags: dict = {"model": {"name": parse_entry(s.models[0]).model}, "data": {"name": s.data},
+                   "train": {"device": s.device}}
     if s.data_root:
         flags["data"]["root"] = s.data_root
     if s.img_size is not None:  # 0 or less: refused by the configuration's check
@@ -137,10 +146,18 @@ def _native_size(cfg: Config) -> int | None:
     return info.native_size
 
 
-def run_config(base: Config, model: str, seed: int) -> Config:
+def run_config(base: Config, model: str, seed: int, out: Path | None = None) -> Config:
+    """The configuration of the run of line-up entry ``model`` with ``seed``: an entry ``MODEL@METHOD`` starts
+    from the pretraining in the arena directory ``out`` (:mod:`mixlab.arena.pretrain`), frozen for
+    ``MODEL@METHOD-probe``."""
     from ..config import config_from_dict
+    entry = parse_entry(model)
     d = base.to_dict()
-    d["model"]["name"] = model
+    d["model"]["name"] = entry.model
+    if entry.method and out is not None:
+        d["model"]["pretrained"] = str(pretrain_dir(out, entry.model, entry.method).resolve())
+    if entry.probe:
+        d["model"]["freeze"] = "backbone"
     d["train"]["seed"] = seed
     d["name"] = None
     return config_from_dict(d)
@@ -500,6 +517,7 @@ def run_arena(s: ArenaSettings, quiet: bool = False) -> dict:
     base = base_config(s)
     for m in s.models:  # every name or spec is checked before anything trains
         run_config(base, m, 0)
+    pretrainings = pretraining_configs(s, base)
     if s.train:  # the data and the device too: a wrong root or device fails here, not in every run
         from ..engine.distributed import pick_device
         pick_device(s.device)
@@ -509,6 +527,8 @@ def run_arena(s: ArenaSettings, quiet: bool = False) -> dict:
             check_pretrained(base, s.models)
         if base.task == "distill":
             check_teacher(base, s.models)
+        for cfg in pretrainings.values():
+            check_pretraining(cfg)
     out = arena_dir(s, base)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -516,16 +536,42 @@ def run_arena(s: ArenaSettings, quiet: bool = False) -> dict:
     except DirectoryBusy:
         raise ConfigError(f"another arena is running in {out}; wait for it, or use another --out") from None
     with lock:
+        if s.train:
+            for (model, method), cfg in pretrainings.items():
+                prepare_dir(pretrain_dir(out, model, method), cfg)
         return ArenaRun(s, base, out, quiet).run(write_report)
 
 
+def pretraining_configs(s: ArenaSettings, base: Config) -> dict:
+    """{(model, method): configuration} of the pretrainings the line-up's ``MODEL@METHOD`` entries start from
+    (:mod:`mixlab.arena.pretrain`); a ConfigError where such entries cannot be (an arena that is itself
+    pretraining, or one that starts every run from ``model.pretrained``) or the pretraining settings are wrong."""
+    needed = list(dict.fromkeys(e.pretrains for e in map(parse_entry, s.models) if e.pretrains))
+    if not needed:
+        if s.pretrain_epochs is not None or s.pretrain_overrides:
+            raise ConfigError("--pretrain-epochs and --pretrain-set set the pretraining of entries MODEL@METHOD "
+                              "(e.g. nano_vit@mae), and the line-up has none")
+        return {}
+    if base.task == "mim":
+        raise ConfigError(f"{needed[0][0]}@{needed[0][1]}: an arena of task mim is itself the pretraining; name the "
+                          f"models alone, or run a classification arena with MODEL@METHOD entries")
+    if base.model.pretrained is not None:
+        raise ConfigError(f"model.pretrained {base.model.pretrained!r} starts every run from one source; entries "
+                          f"MODEL@METHOD start from their own pretraining: use one or the other")
+    return {(model, method): pretrain_config(base, model, method, s.pretrain_epochs, s.batch_size,
+                                             s.pretrain_overrides)
+            for model, method in needed}
+
+
 class PlannedRun(NamedTuple):
-    """One (model, seed) training run of an arena."""
+    """One (model, seed) training run of an arena, or the pretraining its entries ``MODEL@METHOD`` start from."""
 
     model: str
     seed: int
     dir: Path
     tag: str  # the prefix of its messages, e.g. "[3/16 nano_vit seed 0]"
+    needs: Path | None = None  # the pretraining run that must have finished before this run starts
+    pretraining: bool = False
 
 
 class ArenaRun:
@@ -544,6 +590,7 @@ class ArenaRun:
         self.speed_file = out / "speed.json"
         self.speed_all: dict = {}             # speed.json: every model measured in this directory
         self.failures: dict[str, str] = {}    # model -> why its run failed
+        self.pretrain_failures: dict[Path, str] = {}  # pretraining run directory -> why it failed
         # the pool: with one job the child keeps PyTorch's choice of threads and sees every GPU, and the
         # speed is measured between runs; with several each child gets its share of the cores (and its
         # own GPU where there are several), and the speed is measured after the last run
@@ -551,7 +598,7 @@ class ArenaRun:
         self.threads = child_threads(s.jobs) if s.jobs > 1 else None
         self.gpus = job_gpus(s.device) if s.jobs > 1 else []
         self._slots: list[int] = []          # free job slots; slot k runs on GPU gpus[k % len(gpus)]
-        self._queue = iter(())               # the planned runs not yet looked at
+        self._pending: list[PlannedRun] = []  # the planned runs not yet started or skipped
         self._active: dict = {}              # future -> (run, slot)
         self._running: set = set()           # the child processes
 
@@ -580,10 +627,15 @@ class ArenaRun:
         speed = {m: self.speed_all[_speed_key(m, base)] for m in s.models if self.speed_all.get(_speed_key(m, base))}
         metric = arena_metric(base)
         results = [collect(m, self.seeds, self.runs, speed, self.failures, metric) for m in s.models]
+        for r in results:
+            self.add_pretraining(r)
         config = {"models": s.models, "task": base.task, "data": base.data.name, "img_size": base.data.img_size,
                   "epochs": base.train.epochs, "batch_size": base.train.batch_size, "seeds": self.seeds,
                   "recipe": base.recipe,
                   "jobs": s.jobs,  # of this invocation; each run's train.log says how many CPU threads it had
+                  **({"pretraining": {"epochs": s.pretrain_epochs or base.train.epochs,
+                                      "overrides": list(s.pretrain_overrides)}}
+                     if any(parse_entry(m).method for m in s.models) else {}),
                   "train_config": shared["train_config"],
                   "command": " ".join(["mixlab", "arena", *sys.argv[2:]]) if sys.argv[1:2] == ["arena"] else None}
         report = write_report(out, results, config, environment(base.train.device), metric=metric)
@@ -607,7 +659,7 @@ class ArenaRun:
                     config.unlink()
                 saved = {"models": [], "shared": shared}
             if saved.get("shared") != shared:
-                diff = _first_difference(saved.get("shared", {}), shared)
+                diff = first_difference(saved.get("shared", {}), shared)
                 raise ConfigError(f"{self.out} holds an arena with other settings ({diff}); rerun with the settings "
                                   f"it was started with to continue it, or choose another --out")
             models = saved["models"] + [m for m in self.s.models if m not in saved["models"]]
@@ -616,32 +668,53 @@ class ArenaRun:
         write_atomic(arena_file, json.dumps({"models": models, "shared": shared}, indent=2) + "\n")
         return shared
 
+    def add_pretraining(self, entry: dict) -> None:
+        """An entry ``MODEL@METHOD``'s pretraining in its results (``pretraining``: method, epochs, losses, wall
+        time, run directory), and its picture where the entry's own runs draw none."""
+        e = parse_entry(entry["model"])
+        if not e.method:
+            return
+        run_dir = pretrain_dir(self.out, e.model, e.method)
+        got = pretraining_summary(run_dir) or {"run": str(run_dir), "method": e.method}
+        entry["pretraining"] = {**got, "probe": e.probe}
+        if got.get("picture") and not entry.get("picture"):
+            entry["picture"] = got["picture"]
+
     def _any_run_started(self) -> bool:
         """Whether a run of this arena has written a checkpoint (or finished): then its settings are fixed."""
         return any(self.runs.glob("*/seed*/summary.json")) or any(self.runs.glob("*/seed*/checkpoints/ckpt-*"))
 
     def planned_runs(self) -> list[PlannedRun]:
-        """Every (model, seed), seed-major: a partial arena already has every model once."""
+        """The pretrainings the entries ``MODEL@METHOD`` start from, then every (model, seed), seed-major: a
+        partial arena already has every model once."""
+        entries = [parse_entry(m) for m in self.s.models]
+        planned = [PlannedRun(f"{model}@{method}", 0, pretrain_dir(self.out, model, method),
+                              f"[pretraining {model_label(model)} by {method}]", pretraining=True)
+                   for model, method in dict.fromkeys(e.pretrains for e in entries if e.pretrains)]
         n_total = len(self.s.models) * len(self.seeds)
-        planned = []
         for seed in self.seeds:
-            for m in self.s.models:
-                tag = f"[{len(planned) + 1}/{n_total} {model_label(m)} seed {seed}]"
-                planned.append(PlannedRun(m, seed, self.runs / model_slug(m) / f"seed{seed}", tag))
+            for k, e in enumerate(entries):
+                tag = f"[{seed * len(entries) + k + 1}/{n_total} {model_label(e.name)} seed {seed}]"
+                needs = pretrain_dir(self.out, e.model, e.method) if e.method else None
+                planned.append(PlannedRun(e.name, seed, self.runs / model_slug(e.name) / f"seed{seed}", tag, needs))
         return planned
 
     # -- one run --------------------------------------------------------------------------------
     def start(self, run: PlannedRun) -> None:
-        """Create the run's directory and configuration (kept if it exists: the run continues)."""
+        """Create the run's directory and configuration (kept if it exists: the run continues; a pretraining's
+        is written before, by :func:`mixlab.arena.pretrain.prepare_dir`)."""
         run.dir.mkdir(parents=True, exist_ok=True)
         if not (run.dir / RUN_CONFIG).exists():
-            run_config(self.base, run.model, run.seed).save(run.dir / RUN_CONFIG)
+            run_config(self.base, run.model, run.seed, self.out).save(run.dir / RUN_CONFIG)
         self.say(f"{run.tag} training")
 
     def failed(self, run: PlannedRun, rc: int) -> None:
-        # its other seeds would most likely fail the same way: not tried
+        # its other seeds would most likely fail the same way: not tried; nor the entries of a failed pretraining
         why = "diverged (loss NaN/inf)" if rc == 3 else f"exit status {rc}"
-        self.failures[run.model] = f"seed {run.seed}: {why}; see {run.dir / 'train.log'}"
+        if run.pretraining:
+            self.pretrain_failures[run.dir] = f"{why}; see {run.dir / 'train.log'}"
+        else:
+            self.failures[run.model] = f"seed {run.seed}: {why}; see {run.dir / 'train.log'}"
         self.say(f"{run.tag} FAILED ({why}); its log ends:\n{_tail(run.dir / 'train.log')}")
 
     def measure(self, model: str) -> None:
@@ -664,7 +737,7 @@ class ArenaRun:
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
         jobs = self.s.jobs
-        self._slots, self._queue, self._active = list(range(jobs)), iter(planned), {}
+        self._slots, self._pending, self._active = list(range(jobs)), list(planned), {}
         if self.s.train and jobs > 1:
             self.say(f"arena: {jobs} runs at a time, {self.threads} CPU thread(s) each"
                      + (f", spread over GPUs {', '.join(self.gpus)}" if self.gpus else ""))
@@ -680,23 +753,33 @@ class ArenaRun:
                     rc = f.result()
                     if rc != 0:
                         self.failed(run, rc)
-                    elif self.between_runs:
+                    elif self.between_runs and not run.pretraining:
                         self.measure(run.model)  # between runs: an idle machine
-                    self._submit_next(pool)
+                    while self._slots and self._submit_next(pool):  # a pretraining may free several runs
+                        pass
         except KeyboardInterrupt:
             self._stop_children()
             raise
         finally:
             pool.shutdown(wait=True)
 
-    def _submit_next(self, pool) -> None:
-        """Start the next run of the queue that is neither finished nor of a failed model."""
-        for run in self._queue:
-            if run.model in self.failures:
+    def _submit_next(self, pool) -> bool:
+        """Start the next pending run that is neither finished nor of a failed model, and whose pretraining (if
+        it needs one) has finished; runs waiting for a pretraining in progress stay pending. Returns whether
+        one started."""
+        for run in list(self._pending):
+            if run.needs is not None and not (run.needs / "summary.json").exists():
+                why = self.pretrain_failures.get(run.needs)
+                if why:
+                    self.failures.setdefault(run.model, f"its pretraining failed: {why}")
+                elif self.s.train:
+                    continue  # its pretraining is running or pending: wait
+            self._pending.remove(run)
+            if run.model in self.failures and not run.pretraining:
                 continue
             if (run.dir / "summary.json").exists():
                 self.say(f"{run.tag} finished earlier, skipped")
-                if self.between_runs:
+                if self.between_runs and not run.pretraining:
                     self.measure(run.model)
                 continue
             if not self.s.train:
@@ -706,7 +789,8 @@ class ArenaRun:
             gpu = self.gpus[slot % len(self.gpus)] if self.gpus else None
             future = pool.submit(train_in_child, run.dir, run.tag, self.quiet, self.threads, self._running, gpu)
             self._active[future] = (run, slot)
-            return
+            return True
+        return False
 
     def _stop_children(self) -> None:
         """SIGINT to every running child, then up to 30 s for them to end; those left are killed."""
@@ -742,7 +826,7 @@ def _speed_of(model: str, runs: Path, seeds: list[int], base: Config) -> dict | 
             sm = json.loads(path.read_text())
             device, batch = sm.get("device", "cpu"), base.train.batch_size
             cfg = load_run_config(run_dir)
-            args = (model, sm["img_size"], sm["in_chans"], sm["num_classes"], device, batch)
+            args = (cfg.model.name, sm["img_size"], sm["in_chans"], sm["num_classes"], device, batch)
             got = {"infer": measure_speed(*args, model_kwargs=dict(cfg.model.kwargs))}
             try:
                 got["train"] = task_train_speed(cfg, device, batch)
@@ -753,11 +837,3 @@ def _speed_of(model: str, runs: Path, seeds: list[int], base: Config) -> dict | 
                                      f"timed as the model alone: forward, cross-entropy, backward, AdamW")
             return got
     return None
-
-
-def _first_difference(a, b, path: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-    return f"{path}: {a!r} then, {b!r} now"

@@ -1,5 +1,5 @@
 """PyTorch's own distributed engine, as launched by ``torchrun``: process group set-up,
-the rank that writes, and metric reduction."""
+the rank that writes, and metric reduction (sums of tensors, gathers of Python objects)."""
 from __future__ import annotations
 
 import os
@@ -95,6 +95,17 @@ def broadcast_object(obj, info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_object(obj, info: DistInfo) -> list:
+    """Every process's ``obj`` (any picklable Python object), in rank order, on every process: ``[obj]``
+    alone in a world of one. Under DDP it is ``torch.distributed.all_gather_object``, which pickles through
+    the process group's device (NCCL needs ``torch.cuda.set_device``, done by :func:`init_distributed`)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def cleanup(info: DistInfo) -> None:

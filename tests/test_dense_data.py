@@ -231,6 +231,8 @@ def test_bad_transform_options(small_data):
         build_dense_transforms(info, train=True, hflip=1.5)
     with pytest.raises(DataError, match=r"crop_scale must be \(min, max\)"):
         build_dense_transforms(info, train=True, crop_scale=(0.5, 0.2))
+    with pytest.raises(DataError, match=r"crop_scale must be \(min, max\).*got 0.5"):
+        build_dense_transforms(info, train=True, crop_scale=0.5)
     with pytest.raises(DataError, match="split must be one of train, val"):
         SyntheticScenes(2, split="test")
     with pytest.raises(IndexError):

@@ -58,7 +58,7 @@ from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 
 from .datasets import (FASHION_MNIST_SYSTEM_DIR, DataError, DatasetInfo, _channel_stats, _load_digits,
-                       _load_fashion_mnist, _locate_fashion_mnist)
+                       _fashion_mnist_dirs, _load_fashion_mnist, _locate_fashion_mnist)
 from .samplers import mix_seed
 
 __all__ = ["DENSE_DATASET_NAMES", "SOURCES", "DenseDatasetInfo", "SyntheticScenes", "SanitizeInstances",
@@ -94,8 +94,8 @@ class _Glyphs:
     """A source's glyphs for one split: intensities cropped to their foreground, and their classes."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], threshold: float):
-        images = images[:, 0].numpy().astype(np.float32) / 255.0  # (N, h, w) in 0..1
-        fg = images > threshold
+        images = images[:, 0].numpy()  # (N, h, w) uint8: Fashion-MNIST's 60,000 would take 188 MB as floats
+        fg = images > threshold * 255
         rows, cols = fg.any(axis=2), fg.any(axis=1)
         keep = rows.any(axis=1)  # glyphs with some foreground
         self.images, self.labels = images[keep], labels.numpy()[keep]
@@ -111,7 +111,8 @@ class _Glyphs:
         return len(self.labels)
 
     def crop(self, j: int) -> np.ndarray:
-        return self.images[j, self.y0[j]:self.y1[j], self.x0[j]:self.x1[j]]
+        """Glyph ``j`` cropped to its foreground, float32 intensities in 0..1."""
+        return self.images[j, self.y0[j]:self.y1[j], self.x0[j]:self.x1[j]].astype(np.float32) / 255.0
 
 
 @functools.lru_cache(maxsize=2)
@@ -121,11 +122,12 @@ def _glyph_splits(source: str, root: str | None) -> dict[str, _Glyphs]:
     else:
         try:
             _locate_fashion_mnist(root, download=False)
-        except DataError as exc:
-            where = root if root is not None else FASHION_MNIST_SYSTEM_DIR
-            raise DataError(f"source='fashion-mnist' needs the Fashion-MNIST files, not found in {where}: install "
-                            f"them with `apt-get install -y dataset-fashion-mnist` (into {FASHION_MNIST_SYSTEM_DIR}), "
-                            f"pass root= a folder holding the four IDX files, or use source='digits' ({exc})") from None
+        except DataError:
+            searched = ", ".join(str(d) for d in _fashion_mnist_dirs(root))
+            raise DataError(f"source='fashion-mnist' needs Fashion-MNIST's four IDX files, not found in {searched}: "
+                            f"install them with `apt-get install -y dataset-fashion-mnist` (into "
+                            f"{FASHION_MNIST_SYSTEM_DIR}), pass root= a folder holding them, or use "
+                            f"source='digits'") from None
         train, val, classes = _load_fashion_mnist(root, download=False)
     return {split: _Glyphs(images, labels, classes, _THRESHOLD[source])
             for split, (images, labels) in zip(("train", "val"), (train, val))}
@@ -464,9 +466,12 @@ def build_dense_transforms(info: DatasetInfo, train: bool, *, hflip: float = 0.5
         if not 0.0 <= hflip <= 1.0:
             raise DataError(f"hflip is a probability and must lie in [0, 1], got {hflip!r}")
         if crop_scale is not None:
-            lo, hi = crop_scale
+            try:
+                lo, hi = (float(v) for v in crop_scale)
+            except (TypeError, ValueError):
+                lo = hi = math.nan
             if not 0.0 < lo <= hi <= 1.0:
-                raise DataError(f"crop_scale must be (min, max) with 0 < min <= max <= 1, got {tuple(crop_scale)}")
+                raise DataError(f"crop_scale must be (min, max) with 0 < min <= max <= 1, got {crop_scale!r}")
             steps.append(v2.RandomResizedCrop(info.img_size, scale=(lo, hi), antialias=True))
         if hflip > 0:
             steps.append(v2.RandomHorizontalFlip(hflip))

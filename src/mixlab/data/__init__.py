@@ -20,13 +20,21 @@ A model's data configuration (input size, mean/std, crop fraction, interpolation
 checkpoints record) is a :class:`Preprocessing`; its ``eval_transform`` is the one evaluation
 transform (``build_transforms(info, train=False)`` is that of the dataset's own configuration).
 
+Dense data (boxes, instance masks, semantic maps: detection and segmentation) is
+:mod:`mixlab.data.dense`: :func:`build_dense_datasets` (synthetic scenes, no download),
+:func:`build_dense_transforms` (joint, under :class:`SeededDataset`'s seeding) and
+:func:`collate_dense` (docs/dense-data.md).
+
 Every bad-input error of this package is a :class:`DataError` (a ``ValueError``).
 """
 from .datasets import DATASET_NAMES, DataError, DatasetInfo, build_datasets
+from .dense import (DenseDatasetInfo, SyntheticScenes, build_dense_datasets, build_dense_transforms,
+                    collate_dense)
 from .mixup import MixupCutmix
 from .preprocessing import Preprocessing, recorded_info
 from .samplers import ResumableSampler, SeededDataset, mix_seed
 from .transforms import build_transforms
 
-__all__ = ["DATASET_NAMES", "DataError", "DatasetInfo", "MixupCutmix", "Preprocessing", "ResumableSampler",
-           "SeededDataset", "build_datasets", "build_transforms", "mix_seed", "recorded_info"]
+__all__ = ["DATASET_NAMES", "DataError", "DatasetInfo", "DenseDatasetInfo", "MixupCutmix", "Preprocessing",
+           "ResumableSampler", "SeededDataset", "SyntheticScenes", "build_datasets", "build_dense_datasets",
+           "build_dense_transforms", "build_transforms", "collate_dense", "mix_seed", "recorded_info"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -167,6 +167,11 @@ class SeededDataset(Dataset):
     as well for custom transforms that use it. Transforms that use numpy's global RNG are not
     made deterministic.
 
+    Dense data: where ``base`` yields ``(image, target)`` with ``target`` a mapping (boxes, masks, ...:
+    :mod:`mixlab.data.dense`), the transform runs on both, ``image, target = transform(image, target)``,
+    under the same seeding, so that torchvision's v2 transforms move the target's boxes and masks with
+    the image.
+
     ``with_index=True`` makes each item ``(image, label, index)``, ``index`` being the index of ``base``
     the draw decodes to (the key of a per-image cache, such as the distillation task's teacher logits).
 
@@ -207,11 +212,15 @@ class SeededDataset(Dataset):
     def __getitem__(self, draw: int) -> tuple[Any, ...]:
         image, label = self.base[self._index(draw)]
         if self.transform is not None:
-            image = self._transform(image, draw)
+            if isinstance(label, Mapping):  # a dense target: it moves with the image
+                image, label = self._transform(image, draw, label)
+            else:
+                image = self._transform(image, draw)
         return (image, label, self._index(draw)) if self.with_index else (image, label)
 
-    def _transform(self, image: Any, draw: int) -> Any:
-        """``transform(image)`` with the random streams seeded from the draw id."""
+    def _transform(self, image: Any, draw: int, *target: Any) -> Any:
+        """``transform(image)``, or ``transform(image, target)`` given a target, with the random streams
+        seeded from the draw id."""
         item_seed = mix_seed(self.seed, draw)
         py_state = random.getstate()
         try:
@@ -220,7 +229,7 @@ class SeededDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(item_seed)
                 random.seed(item_seed)
-                return self.transform(image)
+                return self.transform(image, *target)
         finally:
             random.setstate(py_state)
 

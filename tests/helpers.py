@@ -41,3 +41,13 @@ def kill_at_checkpoint(args, run: Path, when, timeout: float = 300) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (Path(run) / "summary.json").exists(), "the run finished before the kill; make it longer"
+
+
+def train_in_this_process(run_dir, *_):
+    """A stand-in for the arena's ``train_in_child`` (monkeypatch it in ``mixlab.arena.runner``): the same
+    training run, in the test's process, without a child's start-up (some seconds of imports each); and a task
+    registered by a test is known there."""
+    from mixlab.config import load_run_config
+    from mixlab.engine.trainer import train
+    train(load_run_config(run_dir), run_dir=run_dir, resume=True)
+    return 0

@@ -9,6 +9,8 @@ import time
 import pytest
 import torch
 
+from helpers import train_in_this_process
+
 from mixlab.arena import ArenaSettings, expand_models, run_arena
 from mixlab.arena import runner
 from mixlab.arena.pretrain import parse_entry, pretrain_config
@@ -19,13 +21,6 @@ TINY_VIT = "spec:patch4 / attention:1x32:heads=2,pos=abs"
 TINY_CNN = "spec:patch4 / convnext:1x16:kernel=3"
 DATA = dict(data="digits", img_size=16, epochs=1, batch_size=32, measure_speed=False)
 LIMITS = ["data.limit_train=64", "data.limit_val=32", "log.progress=false", "log.print_every=0"]
-
-
-def _train_here(run_dir, tag, quiet, threads, running, gpu):
-    """The arena's child process, in this process (the same training, without the start-up of a process)."""
-    from mixlab.engine.trainer import train
-    train(load_run_config(run_dir), run_dir=run_dir, resume=True)
-    return 0
 
 
 def test_entries_name_a_pretraining_method():
@@ -72,7 +67,7 @@ def test_an_arena_of_scratch_simmim_and_probe(tmp_path, monkeypatch):
     """One pretraining for both entries, on every training image; the fine-tuned and probed runs start from its
     encoder (the probe keeps it exactly); the report lists the pretraining; a rerun trains nothing; other
     pretraining settings in the same directory are refused."""
-    monkeypatch.setattr(runner, "train_in_child", _train_here)
+    monkeypatch.setattr(runner, "train_in_child", train_in_this_process)
     out = tmp_path / "arena"
     models = [TINY_VIT, f"{TINY_VIT}@simmim", f"{TINY_VIT}@simmim-probe"]
     s = ArenaSettings(models=models, out=str(out), overrides=LIMITS, pretrain_overrides=["mim.picture_images=2"],

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import kill_at_checkpoint, mixlab
+from helpers import kill_at_checkpoint, mixlab, train_in_this_process
 
 from mixlab.cli import main
 from mixlab.engine.optim import param_groups
@@ -206,12 +206,14 @@ def test_mim_run_evaluates_and_draws_into_the_output_folder(mim_run, tmp_path, c
             == Image.open(run / "pictures" / f"epoch{best:03d}.png").tobytes())
 
 
-def test_an_arena_of_mim_runs_ranks_by_reconstruction_loss(tmp_path):
+def test_an_arena_of_mim_runs_ranks_by_reconstruction_loss(tmp_path, monkeypatch):
+    from mixlab.arena import runner
+
+    monkeypatch.setattr(runner, "train_in_child", train_in_this_process)
     out = tmp_path / "arena"
-    r = mixlab("arena", TINY_SWIN, TINY_VIT, "--data", "digits", "--img-size", "16", "--epochs", "1", "--no-speed",
-               "--batch-size", "16", "--set", "task=mim", "--set", "data.limit_train=64", "--set", "data.limit_val=32",
-               "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    assert main(["arena", TINY_SWIN, TINY_VIT, "--data", "digits", "--img-size", "16", "--epochs", "1", "--no-speed",
+                 "--batch-size", "16", "--set", "task=mim", "--set", "data.limit_train=64", "--set",
+                 "data.limit_val=32", "--out", str(out), "--quiet"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["metric"]["key"] == "val_loss" and results["metric"]["mode"] == "min"
     losses = [m["val_loss_mean"] for m in results["results"]]

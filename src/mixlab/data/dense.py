@@ -59,7 +59,7 @@ from torchvision.transforms import v2
 
 from .datasets import (FASHION_MNIST_SYSTEM_DIR, DataError, DatasetInfo, _channel_stats, _load_digits,
                        _fashion_mnist_dirs, _load_fashion_mnist, _locate_fashion_mnist)
-from .samplers import mix_seed
+from .samplers import _check_int, mix_seed
 
 __all__ = ["DENSE_DATASET_NAMES", "SOURCES", "DenseDatasetInfo", "SyntheticScenes", "SanitizeInstances",
            "build_dense_datasets", "build_dense_transforms", "collate_dense", "size_class", "size_counts"]
@@ -131,12 +131,6 @@ def _glyph_splits(source: str, root: str | None) -> dict[str, _Glyphs]:
         train, val, classes = _load_fashion_mnist(root, download=False)
     return {split: _Glyphs(images, labels, classes, _THRESHOLD[source])
             for split, (images, labels) in zip(("train", "val"), (train, val))}
-
-
-def _check_int(value: Any, name: str, minimum: int, what: str = "") -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise DataError(f"{name} must be an integer >= {minimum}{what}, got {value!r}")
-    return int(value)
 
 
 def _check_source(source: Any) -> str:

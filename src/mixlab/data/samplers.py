@@ -38,9 +38,11 @@ def mix_seed(*values: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
+def _check_int(value: Any, name: str, minimum: int, what: str = "") -> int:
+    """``value`` as an int; a DataError naming ``name`` (and ``what`` it is) where it is not an integer of at
+    least ``minimum``."""
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise DataError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise DataError(f"{name} must be an integer >= {minimum}{what}, got {value!r}")
     return int(value)
 
 

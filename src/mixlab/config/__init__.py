@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from ..fileio import write_atomic
 from .section import ConfigError, TaskSection
 from .tasks import BUILT_IN
 
@@ -218,7 +219,9 @@ class Config:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._items())})"
 
     def save(self, path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the configuration as YAML, atomically: a reader (a ``--resume`` of a run that is starting, the
+        arena) sees the whole file or none, and a crash mid-write leaves no truncated configuration."""
+        write_atomic(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 #: The task-owned sections a :class:`Config` carries besides its fields, by name, in the order they were

@@ -17,8 +17,8 @@ def one_thread():
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (``-n 2``: the suite's default, see pyproject.toml), each worker process gets its
-    share of the cores as intra-op threads, so that two workers do not each spread over every core."""
+    """Under pytest-xdist (``-n auto``: the suite's default, see pyproject.toml), each worker process gets its
+    share of the cores as intra-op threads, so that the workers do not each spread over every core."""
     import os
     if os.environ.get("PYTEST_XDIST_WORKER"):
         workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))

@@ -102,8 +102,7 @@ def expand_models(names) -> list[str]:
     out: list[str] = []
     for n in names or ["nano"]:
         group, at, suffix = n.partition("@")
-        for m in LINE_UPS.get(group, [group]) if group in LINE_UPS else [n]:
-            m = f"{m}{at}{suffix}" if group in LINE_UPS else m
+        for m in [f"{m}{at}{suffix}" for m in LINE_UPS[group]] if group in LINE_UPS else [n]:
             if m not in out:
                 out.append(m)
     return out
@@ -539,7 +538,7 @@ def run_arena(s: ArenaSettings, quiet: bool = False) -> dict:
         if s.train:
             for (model, method), cfg in pretrainings.items():
                 prepare_dir(pretrain_dir(out, model, method), cfg)
-        return ArenaRun(s, base, out, quiet).run(write_report)
+        return ArenaRun(s, base, out, quiet, list(pretrainings)).run(write_report)
 
 
 def pretraining_configs(s: ArenaSettings, base: Config) -> dict:
@@ -583,8 +582,10 @@ class ArenaRun:
     else is training). A run that fails marks its model failed: its other seeds are not tried.
     """
 
-    def __init__(self, s: ArenaSettings, base: Config, out: Path, quiet: bool = False):
+    def __init__(self, s: ArenaSettings, base: Config, out: Path, quiet: bool = False,
+                 pretrainings: list[tuple[str, str]] = ()):
         self.s, self.base, self.out, self.quiet = s, base, out, quiet
+        self.pretrainings = list(pretrainings)  # (model, method) of the entries MODEL@METHOD, in line-up order
         self.seeds = list(range(s.seeds))
         self.runs = out / "runs"
         self.speed_file = out / "speed.json"
@@ -634,8 +635,7 @@ class ArenaRun:
                   "recipe": base.recipe,
                   "jobs": s.jobs,  # of this invocation; each run's train.log says how many CPU threads it had
                   **({"pretraining": {"epochs": s.pretrain_epochs or base.train.epochs,
-                                      "overrides": list(s.pretrain_overrides)}}
-                     if any(parse_entry(m).method for m in s.models) else {}),
+                                      "overrides": list(s.pretrain_overrides)}} if self.pretrainings else {}),
                   "train_config": shared["train_config"],
                   "command": " ".join(["mixlab", "arena", *sys.argv[2:]]) if sys.argv[1:2] == ["arena"] else None}
         report = write_report(out, results, config, environment(base.train.device), metric=metric)
@@ -690,7 +690,7 @@ class ArenaRun:
         entries = [parse_entry(m) for m in self.s.models]
         planned = [PlannedRun(f"{model}@{method}", 0, pretrain_dir(self.out, model, method),
                               f"[pretraining {model_label(model)} by {method}]", pretraining=True)
-                   for model, method in dict.fromkeys(e.pretrains for e in entries if e.pretrains)]
+                   for model, method in self.pretrainings]
         n_total = len(self.s.models) * len(self.seeds)
         for seed in self.seeds:
             for k, e in enumerate(entries):

@@ -59,7 +59,8 @@ from .pretrain import (check_pretraining, first_difference, parse_entry, prepare
 
 #: what ``mixlab arena`` trains when no model is named: the eight families of the seeds' argument
 DEFAULT_MODELS = LINE_UPS["nano"]
-#: the default budget on the bundled digits data: all eight nano models in about 5.5 minutes on 2 CPU cores (328 s measured from a fresh clone)
+#: the default budget on the bundled digits data: all eight nano models in about 5.5 minutes on 2 CPU cores
+#: (328 s, measured from a fresh clone with `mixlab arena`)
 DIGITS_EPOCHS = 5
 #: the square side images are resized to when a dataset's own is smaller than this (digits: 8 px)
 MIN_IMG_SIZE = 28
